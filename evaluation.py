@@ -1,0 +1,111 @@
+"""Score stage-one predictions against VOC ground truth (seed command 2).
+
+    python evaluation.py --name ktse1 --task cam --dict_dir dict
+
+task ``cam``: the reference background-threshold sweep (t = 0.10 .. 0.29) over the CAM dictionaries
+``experiments/<name>/<dict_dir>/<id>.npy``, printing exactly the reference lines (stage1.md §6.3),
+then (added) the best threshold with its mIoU and the per-class IoU table at that threshold.
+tasks ``crf`` / ``dl``: dictionaries whose keys include background (0); ``png``: label PNGs (e.g. IRN
+pseudo-labels, ``--pred_dir <folder>``). All tasks also write ``experiments/<name>/eval_<task>.json``
+and ``experiments/<name>/eval_<task>.png`` (mIoU vs threshold, per-class IoU bars).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from models.seed_eval import REFERENCE_THRESHOLDS, TASKS, evaluate, plot_result
+from tools.errors import WSSSError
+from tools.io import atomic_write_json
+
+DEFAULT_VOC_ROOT = "data/VOC2012"  # same value as voc12.data.DEFAULT_VOC_ROOT (not imported: no torch here)
+
+
+def display_path(p: os.PathLike | str) -> str:
+    """Paths as the reference prints them: relative ones with a leading './'."""
+    s = str(p)
+    if os.path.isabs(s) or s.startswith("."):
+        return s
+    return "./" + s
+
+
+def resolve_list(value: str, data_root: os.PathLike | str) -> Path:
+    """``--list``: a name under ``<data_root>/ImageSets/Segmentation/`` (the reference: ``train`` ->
+    ``train.txt``), or a path to a list file (plain ids or ``/JPEGImages/<id>.jpg ...`` lines)."""
+    if value.endswith(".txt") or os.sep in value or "/" in value or Path(value).is_file():
+        return Path(value)
+    return Path(data_root) / "ImageSets" / "Segmentation" / f"{value}.txt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--list", default="train",
+                   help="list name under <data_root>/ImageSets/Segmentation/ (reference), or a path to a list file")
+    p.add_argument("--task", required=True, choices=TASKS, help="cam: threshold sweep over CAM dicts; "
+                   "crf/dl: dicts with background key 0; png: label PNGs")
+    p.add_argument("--name", required=True, help="experiment name: predictions in experiments/<name>/<dict_dir>/")
+    p.add_argument("--dict_dir", default=None,
+                   help="prediction folder under experiments/<name>/ (required unless --pred_dir is given)")
+    p.add_argument("--pred_dir", default=None,
+                   help="added: any prediction folder (overrides experiments/<name>/<dict_dir>; e.g. IRN sem_seg PNGs)")
+    p.add_argument("--gt_dir", default=None, help="ground-truth PNG folder (default <data_root>/SegmentationClass)")
+    p.add_argument("--data_root", default=DEFAULT_VOC_ROOT, help="VOC2012 folder")
+    p.add_argument("--exp_root", default="experiments", help="added: folder holding experiments/<name>")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="added: worker processes (images in parallel); the reference uses 8")
+    p.add_argument("--out_json", default=None, help="added: summary JSON (default experiments/<name>/eval_<task>.json)")
+    p.add_argument("--no_plot", action="store_true", help="added: do not write the PNG plot")
+    p.add_argument("--no_progress", action="store_true", help="added: no progress bar (it goes to stderr)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.pred_dir is None and args.dict_dir is None:
+        print("error: give --dict_dir (a folder under experiments/<name>/) or --pred_dir", file=sys.stderr)
+        return 2
+    exp_dir = Path(args.exp_root) / args.name
+    pred_dir = Path(args.pred_dir) if args.pred_dir else exp_dir / args.dict_dir
+    list_path = resolve_list(args.list, args.data_root)
+    gt_dir = Path(args.gt_dir) if args.gt_dir else Path(args.data_root) / "SegmentationClass"
+    try:
+        from voc12.data import read_id_list  # noqa: PLC0415 - imported late: it pulls in torch
+
+        ids = read_id_list(list_path)
+        if not pred_dir.is_dir():
+            from tools.errors import MissingFileError
+            raise MissingFileError(f"prediction folder not found: '{pred_dir}' (expected a folder of "
+                                   f"{'<id>.png label maps' if args.task == 'png' else '<id>.npy dictionaries'}). "
+                                   "Run infer.py --dict for CAM dictionaries, or check --name/--dict_dir/--pred_dir.")
+        print("Evaluate %s with %s" % (display_path(pred_dir), display_path(list_path)), flush=True)
+        t0 = time.perf_counter()
+        res = evaluate(args.task, ids, pred_dir, gt_dir, REFERENCE_THRESHOLDS, args.workers,
+                       progress=not args.no_progress)
+        seconds = time.perf_counter() - t0
+    except WSSSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.task == "cam":
+        for line in res.sweep_lines():
+            print(line)
+        print(res.best_line())
+    sys.stdout.write(res.table())
+    sys.stdout.flush()
+
+    summary = res.to_json()
+    summary.update(name=args.name, pred_dir=str(pred_dir), list=str(list_path), gt_dir=str(gt_dir),
+                   seconds=round(seconds, 3))
+    out_json = Path(args.out_json) if args.out_json else exp_dir / f"eval_{args.task}.json"
+    atomic_write_json(out_json, summary)
+    if not args.no_plot:
+        title = f"{args.name}: {args.task} on {list_path.name} ({len(ids)} images)"
+        if not plot_result(res, out_json.with_suffix(".png"), title):
+            print("note: matplotlib is not installed, no plot written", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

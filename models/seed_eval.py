@@ -1,0 +1,442 @@
+"""Scoring of stage-one seeds: the reference background-threshold sweep over CAM dictionaries and the
+single-pass scoring of CRF/DeepLab dictionaries and label PNGs (stage1.md §6).
+
+Everything here is numpy-only (no torch import), so evaluation worker processes start quickly.
+
+The sweep is done in **one pass per image**: for the reference prediction at threshold t,
+``argmax([t, cam_0 .. cam_19])`` (float32, first index wins, so ``cam == t`` is background), every
+pixel has a fixed foreground winner ``f`` (argmax over the 20 class channels, ties to the lower class)
+with score ``m``; it is predicted ``f`` for every threshold ``t < m`` and background otherwise. So one
+``np.bincount`` over ``(k, gt, f)`` with ``k = #{t : t < m}`` holds the confusion matrices of all
+thresholds; they are recovered by cumulative sums (:func:`sweep_confusions`). The counts add up over
+images, so workers return a single small array each.
+
+Per-threshold confusion matrices follow :func:`tools.metrics.confusion_matrix` (rows gt, columns
+prediction, 255 ignored); IoU/mIoU come from :func:`tools.metrics.iou_from_confusion` (reference
+formula ``TP / (T + P - TP + 1e-10)``, mIoU = mean over all 21 classes).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from tools.errors import DataError, require_file
+from tools.imutils import CAT_NAMES_BG, read_label_png
+from tools.metrics import confusion_matrix, iou_from_confusion, scores
+
+NUM_CLASSES = 21  # background + 20 VOC classes
+IGNORE_INDEX = 255
+#: The reference sweep: t = i/100 for i = 10 .. 29.
+REFERENCE_THRESHOLDS: tuple[float, ...] = tuple(i / 100 for i in range(10, 30))
+TASKS = ("cam", "crf", "dl", "png")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading predictions
+# ----------------------------------------------------------------------------------------------
+
+def load_dict(path: os.PathLike | str) -> dict[int, np.ndarray]:
+    """Read a reference CAM/CRF dictionary (``np.save`` of a dict, a pickled 0-d object array).
+
+    Returns ``{int key: float32 (H, W)}``. Errors name the file and say what was expected.
+    """
+    p = require_file(path, "prediction dictionary",
+                     "Run infer.py --dict (CAM dictionaries) or infer.py --crf first, or check --name/--dict_dir.")
+    try:
+        obj = np.load(p, allow_pickle=True)
+    except Exception as e:  # truncated / not an npy file
+        raise DataError(f"cannot read prediction dictionary '{p}': {e}") from e
+    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
+        obj = obj.item()
+    if not isinstance(obj, dict):
+        raise DataError(f"'{p}' holds {type(obj).__name__}, expected a dict {{class index: HxW array}} "
+                        "saved with np.save (the infer.py --dict format).")
+    return obj
+
+
+def _check_size(name: str, arr: np.ndarray, gt: np.ndarray, path: object) -> None:
+    if arr.shape != gt.shape:
+        raise DataError(f"prediction '{path}' entry {name} has size {arr.shape}, ground truth has {gt.shape}; "
+                        "dictionaries must already have the ground-truth size (the reference does not resize).")
+
+
+def cam_winner(cam_dict: dict[int, np.ndarray], gt_shape: tuple[int, int], path: object = "",
+               need_zero_channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground winner of a CAM dict: ``(m, f)`` with ``m`` the max over the 20 class channels
+    (absent keys are zero channels) as float32 ``(H, W)`` and ``f`` the 1-based label ``(H, W)`` int64
+    of the first channel reaching it (ties to the lower class index, as ``argmax`` on the reference's
+    21-channel tensor).
+
+    With only positive thresholds the zero channels of absent classes can never win (a pixel whose
+    best score is <= 0 is background anyway), so only the present keys are stacked unless
+    ``need_zero_channels``.
+    """
+    h, w = gt_shape
+    keys = sorted(int(k) for k in cam_dict)
+    for k in keys:
+        if not 0 <= k < NUM_CLASSES - 1:
+            raise DataError(f"prediction '{path}' has key {k}; CAM dictionary keys are class indices 0..19.")
+        _check_size(f"key {k}", np.asarray(cam_dict[k]), np.empty(gt_shape), path)
+    if need_zero_channels and len(keys) < NUM_CLASSES - 1:
+        keys_full = list(range(NUM_CLASSES - 1))
+        stack = np.zeros((NUM_CLASSES - 1, h, w), np.float32)
+        for k in keys:
+            stack[k] = cam_dict[k]
+    elif keys:
+        keys_full = keys
+        stack = np.stack([np.asarray(cam_dict[k], dtype=np.float32) for k in keys])
+    else:
+        return np.zeros((h, w), np.float32), np.ones((h, w), np.int64)
+    idx = stack.argmax(0)
+    m = np.take_along_axis(stack, idx[None], 0)[0]
+    f = np.asarray(keys_full, np.int64)[idx] + 1
+    return m, f
+
+
+def label_from_dict(pred_dict: dict[int, np.ndarray], gt_shape: tuple[int, int], path: object = "") -> np.ndarray:
+    """Tasks crf/dl: the dict's keys already include background (0); argmax over 21 channels where
+    absent keys are zero channels (first index wins). Returns ``(H, W)`` int64."""
+    stack = np.zeros((NUM_CLASSES,) + tuple(gt_shape), np.float32)
+    for k, v in pred_dict.items():
+        k = int(k)
+        if not 0 <= k < NUM_CLASSES:
+            raise DataError(f"prediction '{path}' has key {k}; CRF/DL dictionary keys are 0 (background)..20.")
+        v = np.asarray(v)
+        _check_size(f"key {k}", v, np.empty(gt_shape), path)
+        stack[k] = v
+    return stack.argmax(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# One-pass threshold sweep
+# ----------------------------------------------------------------------------------------------
+
+def thresholds_f32(thresholds: Sequence[float]) -> np.ndarray:
+    """The thresholds as the reference compares them: stored in a float32 tensor."""
+    th = np.asarray(thresholds, dtype=np.float32)
+    if th.ndim != 1 or th.size == 0 or np.any(np.diff(th) <= 0):
+        raise ValueError(f"thresholds must be a non-empty increasing sequence, got {list(thresholds)}")
+    return th
+
+
+def sweep_counts(m: np.ndarray, f: np.ndarray, gt: np.ndarray, th32: np.ndarray) -> np.ndarray:
+    """Joint counts ``(T+1, 21, 21)`` int64 of ``(k, gt, f)`` where ``k = #{thresholds < m}``.
+
+    m: ``(H, W)`` float32 best foreground score; f: ``(H, W)`` 1-based foreground label; gt: ``(H, W)``
+    with 255 = ignore. Feed to :func:`sweep_confusions`.
+    """
+    n = NUM_CLASSES
+    gt = gt.reshape(-1)
+    valid = gt < n  # the reference counts only gt < 255; other values >= 21 cannot be scored either
+    if not valid.all():
+        m = m.reshape(-1)[valid]
+        f = f.reshape(-1)[valid]
+        gt = gt[valid]
+    k = np.searchsorted(th32, m.reshape(-1), side="left")  # number of thresholds strictly below m
+    idx = (k * n + gt) * n + f.reshape(-1)
+    return np.bincount(idx, minlength=(th32.size + 1) * n * n).reshape(th32.size + 1, n, n)
+
+
+def sweep_confusions(counts: np.ndarray) -> np.ndarray:
+    """Per-threshold confusion matrices ``(T, 21, 21)`` from :func:`sweep_counts` output.
+
+    At threshold i a pixel with ``k > i`` keeps its foreground label; one with ``k <= i`` becomes
+    background (column 0) — identical to ``confusion_matrix(argmax([t_i, cams]), gt)``.
+    """
+    counts = np.asarray(counts, np.int64)
+    t = counts.shape[0] - 1
+    # fg[i] = sum_{k > i} counts[k]; bg[i] = sum_{k <= i} counts[k] summed over predicted labels
+    rev = np.cumsum(counts[::-1], axis=0)[::-1]  # rev[j] = sum_{k >= j}
+    fg = rev[1:]  # (T, n, n): k > i
+    cum = np.cumsum(counts, axis=0)[:t]  # k <= i
+    hists = fg.copy()
+    hists[:, :, 0] += cum.sum(axis=2)
+    return hists
+
+
+def cam_counts_for_image(cam_dict: dict[int, np.ndarray], gt: np.ndarray, th32: np.ndarray,
+                         path: object = "") -> np.ndarray:
+    """Sweep counts of one image (see :func:`sweep_counts`)."""
+    m, f = cam_winner(cam_dict, gt.shape, path, need_zero_channels=bool(th32[0] <= 0))
+    return sweep_counts(m, f, gt, th32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+def reference_iou_miou(hist: np.ndarray) -> tuple[np.ndarray, float]:
+    """Reference figures from one confusion matrix: per-class IoU (fraction) and mIoU in percent
+    (``np.mean`` of the 21 IoUs, times 100, as ``do_python_eval``)."""
+    iou = iou_from_confusion(hist)
+    return iou, float(np.mean(iou) * 100)
+
+
+@dataclass
+class SweepResult:
+    """Outcome of scoring a list. ``thresholds`` empty for single-pass tasks (crf/dl/png)."""
+
+    task: str
+    ids: list[str]
+    thresholds: list[float]
+    hists: np.ndarray  # (T, 21, 21) int64 (T = 1 for single-pass tasks)
+    miou: list[float] = field(default_factory=list)  # percent, per threshold
+    iou: np.ndarray | None = None  # (T, 21) percent
+    best_index: int = 0
+
+    def __post_init__(self) -> None:
+        ious, mious = [], []
+        for h in self.hists:
+            iou, miou = reference_iou_miou(h)
+            ious.append(iou * 100)
+            mious.append(miou)
+        self.iou = np.asarray(ious)
+        self.miou = mious
+        # eval_in_script: strict '>' starting from 0, so the first best threshold wins
+        best, best_i = 0.0, 0
+        for i, v in enumerate(mious):
+            if v > best:
+                best, best_i = v, i
+        self.best_index = best_i
+
+    @property
+    def best_miou(self) -> float:
+        return self.miou[self.best_index]
+
+    @property
+    def best_th(self) -> float | None:
+        return self.thresholds[self.best_index] if self.thresholds else None
+
+    def sweep_lines(self) -> list[str]:
+        """The reference per-threshold lines ``%d/60 threshold: %.3f\\tmIoU: %.3f%%`` (the '/60' is the
+        reference's leftover; i is round(100 t))."""
+        return ["%d/60 threshold: %.3f\tmIoU: %.3f%%" % (int(round(t * 100)), t, v)
+                for t, v in zip(self.thresholds, self.miou)]
+
+    def best_line(self) -> str:
+        """Added (not printed by the reference CLI): the best threshold and its mIoU."""
+        if self.thresholds:
+            return "best threshold: %.3f\tmIoU: %.3f%%" % (self.best_th, self.best_miou)
+        return "mIoU: %.3f%%" % self.best_miou
+
+    def table(self, index: int | None = None) -> str:
+        """The reference per-class table (``%11s:%7.3f%%``, two per line, then 54 '=' and the mIoU)."""
+        i_row = self.best_index if index is None else index
+        iou = self.iou[i_row]
+        out = []
+        for i, name in enumerate(CAT_NAMES_BG):
+            out.append("%11s:%7.3f%%" % (name, iou[i]) + ("\t" if i % 2 != 1 else "\n"))
+        out.append("\n" + "=" * 54 + "\n")
+        out.append("%11s:%7.3f%%\n" % ("mIoU", self.miou[i_row]))
+        return "".join(out)
+
+    def to_json(self) -> dict:
+        """Machine-readable summary (written to ``experiments/<name>/eval_<task>.json``)."""
+        h = self.hists[self.best_index]
+        extra = scores(h)
+        return {
+            "task": self.task,
+            "num_images": len(self.ids),
+            "categories": list(CAT_NAMES_BG),
+            "thresholds": list(self.thresholds),
+            "miou": list(self.miou),
+            "best_th": self.best_th,
+            "best_miou": self.best_miou,
+            "iou_at_best": [float(v) for v in self.iou[self.best_index]],
+            "iou_at_best_by_class": {n: float(v) for n, v in zip(CAT_NAMES_BG, self.iou[self.best_index])},
+            "iou": self.iou.tolist(),
+            "miou_present_at_best": extra["miou_present"] * 100,
+            "pixel_acc_at_best": extra["pixel_acc"] * 100,
+            "t_over_tp_at_best": extra["t_over_tp"].tolist(),
+            "p_over_tp_at_best": extra["p_over_tp"].tolist(),
+            "fp_share_at_best": extra["fp_share"].tolist(),
+            "fn_share_at_best": extra["fn_share"].tolist(),
+            "confusion_at_best": h.tolist(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Job:
+    task: str
+    pred_dir: str
+    gt_dir: str
+    th32: np.ndarray | None
+
+
+def _gt_path(gt_dir: str, img_id: str) -> Path:
+    return Path(gt_dir) / f"{img_id}.png"
+
+
+def _read_gt(gt_dir: str, img_id: str) -> np.ndarray:
+    p = _gt_path(gt_dir, img_id)
+    require_file(p, "ground-truth label map",
+                 "Evaluation reads <gt_dir>/<id>.png (default <data_root>/SegmentationClass); check --gt_dir/--list.")
+    return read_label_png(p)
+
+
+def pred_path(task: str, pred_dir: os.PathLike | str, img_id: str) -> Path:
+    """Where the prediction of ``img_id`` is read from for ``task``."""
+    return Path(pred_dir) / (f"{img_id}.png" if task == "png" else f"{img_id}.npy")
+
+
+def image_counts(job: _Job, img_id: str) -> np.ndarray:
+    """Counts of one image: ``(T+1, 21, 21)`` sweep counts for cam, a ``(21, 21)`` confusion otherwise."""
+    gt = _read_gt(job.gt_dir, img_id)
+    p = pred_path(job.task, job.pred_dir, img_id)
+    if job.task == "cam":
+        return cam_counts_for_image(load_dict(p), gt, job.th32, p)
+    if job.task in ("crf", "dl"):
+        pred = label_from_dict(load_dict(p), gt.shape, p)
+    elif job.task == "png":
+        require_file(p, "pseudo-label PNG", "Point --pred_dir (or --name/--dict_dir) at the folder of <id>.png labels.")
+        pred = read_label_png(p)
+        if pred.shape != gt.shape:
+            raise DataError(f"prediction '{p}' has size {pred.shape}, ground truth has {gt.shape}.")
+    else:
+        raise ValueError(f"unknown task {job.task!r}; expected one of {TASKS}")
+    # the reference counts predictions of any value (a value >= 21 simply never matches a class)
+    return confusion_matrix(pred, gt, NUM_CLASSES, IGNORE_INDEX)
+
+
+def _work(args: tuple[_Job, list[str]]) -> np.ndarray:
+    job, ids = args
+    total = None
+    for img_id in ids:
+        c = image_counts(job, img_id)
+        total = c if total is None else total + c
+    return total
+
+
+def _chunks(ids: Sequence[str], n: int) -> list[list[str]]:
+    return [list(ids[i:i + n]) for i in range(0, len(ids), n)]
+
+
+def _pool_context() -> mp.context.BaseContext:
+    # fork keeps worker start-up to milliseconds (no re-import); it is safe here because the
+    # workers only run numpy/PIL code. Elsewhere fall back to the platform default.
+    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+
+
+def accumulate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_dir: os.PathLike | str,
+               thresholds: Sequence[float] = REFERENCE_THRESHOLDS, workers: int | None = None,
+               progress: bool = True, chunk: int = 16) -> np.ndarray:
+    """Sum of the per-image counts over ``ids`` (parallel over images when ``workers > 1``).
+
+    Returns ``(T+1, 21, 21)`` sweep counts for ``task='cam'``, else a ``(21, 21)`` confusion matrix.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    job = _Job(task, str(pred_dir), str(gt_dir), thresholds_f32(thresholds) if task == "cam" else None)
+    n = NUM_CLASSES
+    total = np.zeros((len(job.th32) + 1, n, n) if task == "cam" else (n, n), np.int64)
+    ids = list(ids)
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    workers = max(1, min(int(workers), max(1, len(ids) // 4)))
+    chunks = _chunks(ids, max(1, min(chunk, -(-len(ids) // workers))))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(ids), desc=f"eval {task}", unit="img", leave=False, dynamic_ncols=True)
+    try:
+        if workers == 1:
+            for c in chunks:
+                total += _work((job, c))
+                if bar is not None:
+                    bar.update(len(c))
+        else:
+            with _pool_context().Pool(workers) as pool:
+                for c, res in zip(chunks, pool.imap(_work, [(job, c) for c in chunks])):
+                    total += res
+                    if bar is not None:
+                        bar.update(len(c))
+    finally:
+        if bar is not None:
+            bar.close()
+    return total
+
+
+def evaluate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_dir: os.PathLike | str,
+             thresholds: Sequence[float] = REFERENCE_THRESHOLDS, workers: int | None = None,
+             progress: bool = True) -> SweepResult:
+    """Score ``ids``: the threshold sweep for ``task='cam'``, a single pass for crf/dl/png."""
+    counts = accumulate(task, ids, pred_dir, gt_dir, thresholds, workers, progress)
+    if task == "cam":
+        return SweepResult(task, list(ids), [float(t) for t in thresholds], sweep_confusions(counts))
+    return SweepResult(task, list(ids), [], counts[None])
+
+
+def sweep(ids: Sequence[str], dict_dir: os.PathLike | str, gt_dir: os.PathLike | str,
+          thresholds: Sequence[float] = REFERENCE_THRESHOLDS, workers: int | None = None,
+          progress: bool = True) -> SweepResult:
+    """The CAM-seed threshold sweep over ``<dict_dir>/<id>.npy`` against ``<gt_dir>/<id>.png``."""
+    return evaluate("cam", ids, dict_dir, gt_dir, thresholds, workers, progress)
+
+
+def eval_in_script(ids: Sequence[str], dict_dir: os.PathLike | str, gt_dir: os.PathLike | str,
+                   logger: logging.Logger | Callable[[str], None] | None = None,
+                   workers: int | None = None) -> tuple[float, float]:
+    """Training's in-loop validation (reference ``eval_in_script``): logs the 20 sweep lines and
+    returns ``(best mIoU in percent, its threshold)`` (strict '>', first best wins)."""
+    res = sweep(ids, dict_dir, gt_dir, workers=workers, progress=False)
+    emit = logger.info if isinstance(logger, logging.Logger) else (logger or print)
+    for line in res.sweep_lines():
+        emit(line)
+    return res.best_miou, float(res.best_th)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Plot
+# ----------------------------------------------------------------------------------------------
+
+def plot_result(res: SweepResult, path: os.PathLike | str, title: str = "") -> bool:
+    """PNG with mIoU vs threshold (cam task) and the per-class IoU bars at the best threshold.
+
+    Uses matplotlib's object API (no pyplot state, safe off the main thread). Returns False (and
+    writes nothing) when matplotlib is not installed.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    from tools.io import atomic_path
+
+    sweep_plot = bool(res.thresholds)
+    fig = Figure(figsize=(13 if sweep_plot else 9, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2.2]}) if sweep_plot else [fig.subplots(1, 1)]
+    if sweep_plot:
+        ax = axes[0]
+        ax.plot(res.thresholds, res.miou, "o-", ms=3)
+        ax.plot([res.best_th], [res.best_miou], "r*", ms=12)
+        ax.set_xlabel("background threshold")
+        ax.set_ylabel("mIoU (%)")
+        ax.set_title("best %.3f%% at %.2f" % (res.best_miou, res.best_th))
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    iou = res.iou[res.best_index]
+    ax.bar(range(NUM_CLASSES), iou, color=["0.4"] + ["C0"] * (NUM_CLASSES - 1))
+    ax.set_xticks(range(NUM_CLASSES))
+    ax.set_xticklabels(CAT_NAMES_BG, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.axhline(res.best_miou, color="r", lw=1, ls="--")
+    ax.set_title("per-class IoU" + (" at threshold %.2f" % res.best_th if sweep_plot else ""))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return True
