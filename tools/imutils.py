@@ -1,0 +1,106 @@
+"""Image reading, the VOC palette and label PNGs, ImageNet normalisation and PIL resizing.
+
+Every stage reads images through :func:`read_rgb` so that a missing or corrupt file always gives
+the same clear error naming the path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tools.errors import DataError, MissingFileError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+CAT_NAMES_BG: tuple[str, ...] = ("background",) + VOC_CLASSES
+NUM_CLASSES = 20
+IGNORE_INDEX = 255
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The standard VOC bit-interleaved colour map, ``(n, 3)`` uint8 (1 -> (128,0,0), 255 -> (224,224,192))."""
+    pal = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def _open_image(path: os.PathLike | str, what: str) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise MissingFileError(f"{what} not found: '{p}' (expected a file).")
+    try:
+        im = Image.open(p)
+        im.load()  # decode now so truncation surfaces here, with the path
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot decode {what} '{p}': {e}. The file is corrupt or truncated; "
+                        "re-download or re-extract it.") from e
+    return im
+
+
+def read_rgb(path: os.PathLike | str) -> np.ndarray:
+    """Read an image file as RGB, ``(H, W, 3)`` uint8. Missing/corrupt files raise errors naming the path."""
+    im = _open_image(path, "image")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_label_png(path: os.PathLike | str) -> np.ndarray:
+    """Read a label map PNG as class indices ``(H, W)`` uint8.
+
+    Palette ('P') PNGs give their indices (never colours); grayscale ('L') PNGs their values.
+    An RGB image is refused: its colours are not indices.
+    """
+    im = _open_image(path, "label map")
+    if im.mode in ("P", "L"):
+        return np.asarray(im, dtype=np.uint8).copy()
+    if im.mode in ("I", "I;16"):
+        return np.asarray(im).astype(np.uint8)
+    raise DataError(f"label map '{path}' has PIL mode {im.mode}; expected a palette (P) or grayscale (L) "
+                    "PNG whose pixel values are class indices.")
+
+
+def write_label_png(path: os.PathLike | str, label: np.ndarray, palette: bool = True) -> None:
+    """Write a ``(H, W)`` uint8 label map atomically, as a VOC palette PNG (default) or plain grayscale."""
+    from tools.io import save_png
+
+    save_png(path, np.asarray(label, dtype=np.uint8), palette=voc_palette() if palette else None)
+
+
+def normalize_imagenet(img: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB -> ``(H, W, 3)`` float32 ``(v/255 - mean)/std`` (computed in float64 as the reference)."""
+    x = np.asarray(img, dtype=np.float64) / 255.0
+    x = (x - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+    return x.astype(np.float32)
+
+
+def denormalize_imagenet(x: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`normalize_imagenet` for display: ``(H, W, 3)`` float -> uint8 RGB (clipped)."""
+    v = (np.asarray(x, dtype=np.float64) * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)) * 255.0
+    return np.clip(np.round(v), 0, 255).astype(np.uint8)
+
+
+_PIL_ORDERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def pil_resize(img: np.ndarray, size_hw: tuple[int, int], order: str = "bicubic") -> np.ndarray:
+    """Resize a uint8 ``(H, W[, C])`` array to ``size_hw`` with PIL (antialiased bicubic when shrinking,
+    as the reference numerics require)."""
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if img.shape[0] == h and img.shape[1] == w:
+        return img
+    return np.asarray(Image.fromarray(img).resize((w, h), resample=_PIL_ORDERS[order]))

@@ -1,0 +1,62 @@
+"""Seeding, device choice, the poly learning-rate rule, argparse helpers and a step timer."""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from typing import Iterator
+import contextlib
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def get_device(name: str | None = "auto") -> torch.device:
+    """``'auto'``/None -> cuda when available else cpu; otherwise ``torch.device(name)``.
+
+    Asking for cuda on a machine without it is an error, not a silent CPU fallback.
+    """
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def poly_lr(base_lr: float, step: int, max_step: int, power: float = 0.9) -> float:
+    """``base_lr * (1 - step/max_step) ** power`` (clamped at 0 past ``max_step``)."""
+    frac = min(max(step / float(max_step), 0.0), 1.0) if max_step > 0 else 1.0
+    return base_lr * (1.0 - frac) ** power
+
+
+def str2bool(v: str | bool) -> bool:
+    """argparse ``type=`` for booleans: accepts true/false, 1/0, yes/no, on/off (case-insensitive)."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+@contextlib.contextmanager
+def Timer(name: str, printer=print) -> Iterator[None]:
+    """Print ``name`` at start and its wall time at the end."""
+    printer(f"step: {name}")
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        printer(f"step: {name} done in {time.perf_counter() - t0:.1f}s")

@@ -1,0 +1,1 @@
+"""The dataset layer every stage uses: VOC lists, class labels, datasets, the toy VOC generator."""
