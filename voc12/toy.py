@@ -22,9 +22,10 @@ import numpy as np
 from PIL import Image
 
 from tools.imutils import VOC_CLASSES
-from tools.io import atomic_path, atomic_write_text, save_png
+from tools.io import atomic_path, atomic_write_json, atomic_write_text, save_png
 from tools.imutils import voc_palette
 
+TOY_META = "toy_meta.json"
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star", "cross", "ring", "ellipse", "crescent")
 TEXTURES = ("solid", "stripes", "checker", "dots")
 
@@ -213,9 +214,22 @@ def generate(out: os.PathLike | str, n_train: int = 200, n_val: int = 60, max_si
     atomic_write_text(seg / "train.txt", "\n".join(train_ids) + "\n")
     atomic_write_text(seg / "val.txt", "\n".join(val_ids) + "\n")
     atomic_write_text(seg / "trainval.txt", "\n".join(train_ids + val_ids) + "\n")
-    return {"root": str(out), "n_train": n_train, "n_val": n_val, "size": [min_size, max_size],
-            "images_per_class": dict(zip(VOC_CLASSES, hist.tolist())),
-            "classes_per_image": {str(k): int(n_cls[k]) for k in (1, 2, 3)}}
+    summary = {"root": str(out), "n_train": n_train, "n_val": n_val, "size": [min_size, max_size], "seed": seed,
+               "images_per_class": dict(zip(VOC_CLASSES, hist.tolist())),
+               "classes_per_image": {str(k): int(n_cls[k]) for k in (1, 2, 3)}}
+    # Written last: its presence (with matching arguments) tells a pipeline the set is complete.
+    atomic_write_json(out / TOY_META, summary)
+    return summary
+
+
+def existing_toy(out: os.PathLike | str) -> dict | None:
+    """The summary of a complete toy set at ``out`` (None if absent or interrupted mid-way)."""
+    p = Path(out) / TOY_META
+    if not p.is_file():
+        return None
+    import json
+
+    return json.loads(p.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
