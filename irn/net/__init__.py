@@ -1,0 +1,1 @@
+"""IRN networks: ResNet-50 backbone with frozen BN and the edge/displacement heads."""
