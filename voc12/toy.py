@@ -214,12 +214,12 @@ def generate(out: os.PathLike | str, n_train: int = 200, n_val: int = 60, max_si
     atomic_write_text(seg / "train.txt", "\n".join(train_ids) + "\n")
     atomic_write_text(seg / "val.txt", "\n".join(val_ids) + "\n")
     atomic_write_text(seg / "trainval.txt", "\n".join(train_ids + val_ids) + "\n")
-    summary = {"root": str(out), "n_train": n_train, "n_val": n_val, "size": [min_size, max_size], "seed": seed,
+    summary = {"n_train": n_train, "n_val": n_val, "size": [min_size, max_size], "seed": seed,
                "images_per_class": dict(zip(VOC_CLASSES, hist.tolist())),
                "classes_per_image": {str(k): int(n_cls[k]) for k in (1, 2, 3)}}
     # Written last: its presence (with matching arguments) tells a pipeline the set is complete.
     atomic_write_json(out / TOY_META, summary)
-    return summary
+    return {"root": str(out), **summary}
 
 
 def existing_toy(out: os.PathLike | str) -> dict | None:
