@@ -64,3 +64,37 @@ def scores(hist: np.ndarray) -> dict[str, object]:
         "fp_share": (p - tp) / (union + _EPS),
         "fn_share": (t - tp) / (union + _EPS),
     }
+
+
+def present_class_scores(hist: np.ndarray, eps: float = 1e-5) -> dict[str, object]:
+    """Per-class figures averaged over the classes that occur (BECO's ``SimSegMetrics``; with
+    ``eps=0`` the ``mIoU`` of BECO's test.py ``scores()``).
+
+    hist: ``(n, n)`` confusion matrix (rows gt, cols pred). With T = row sums, P = column sums,
+    TP = diagonal: ``class_acc = TP/(T+eps)``, ``pred_acc = TP/(P+eps)``, ``iou = TP/(T+P-TP+eps)``
+    (0 where the denominator is 0), all ``(n,)`` float64; ``overall_acc = ΣTP/Σhist``;
+    ``mclass_acc`` and ``miou`` average over classes with T ≥ 1 (present in gt), ``mpred_acc`` over
+    classes with P ≥ 1 (present in the prediction).
+    """
+    h = np.asarray(hist, dtype=np.float64)
+    tp = np.diag(h)
+    t = h.sum(1)
+    p = h.sum(0)
+
+    def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    class_acc = _div(tp, t + eps)
+    pred_acc = _div(tp, p + eps)
+    iou = _div(tp, t + p - tp + eps)
+    in_gt, in_pred = t >= 1, p >= 1
+    total = h.sum()
+    return {
+        "overall_acc": float(tp.sum() / total) if total else 0.0,
+        "class_acc": class_acc,
+        "pred_acc": pred_acc,
+        "iou": iou,
+        "mclass_acc": float(class_acc[in_gt].mean()) if in_gt.any() else 0.0,
+        "mpred_acc": float(pred_acc[in_pred].mean()) if in_pred.any() else 0.0,
+        "miou": float(iou[in_gt].mean()) if in_gt.any() else 0.0,
+    }
