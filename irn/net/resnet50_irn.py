@@ -217,6 +217,9 @@ def load_irn_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], 
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in state_dict.items()}
     own = module.state_dict(keep_vars=True)
     sd = {k: v for k, v in sd.items() if k in own or not k.startswith(LOSS_BUFFER_PREFIXES)}
+    for k, v in own.items():  # loss buffers are derived from the PathIndex, not learnt
+        if k.startswith(LOSS_BUFFER_PREFIXES) and k not in sd:
+            sd[k] = v.detach()
     for group in alias_groups(module):
         present = [k for k in group if k in sd]
         if present:
