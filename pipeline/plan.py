@@ -1,0 +1,314 @@
+"""The pipeline's steps for each preset: the exact commands a user would type, where each writes,
+and how its figures are read back.
+
+Presets:
+
+* ``toy``: the synthetic VOC-format set (``python -m voc12.toy``) at ``data/toy`` (``--size tiny``:
+  ``data/toy_tiny``), small networks trained from scratch on CPU, every output under
+  ``experiments/<name>/`` so nothing lands in ``irn/`` or ``segmentation/``.
+* ``voc``: the reference settings on ``data/VOC2012`` with the seed commands' paths
+  (``experiments/ktse1``, ``irn/result``, ``segmentation/data``), for GPU machines.
+
+Stages (for ``--from`` / ``--to``): data → stage1 → irn → beco → crf; every step name is accepted too.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.report import eval_json_miou, parse_miou_line, read_json
+from pipeline.runner import REPO_ROOT, PerIdOutputs, Step
+
+STAGES = ("data", "stage1", "irn", "beco", "crf")
+STAGE_TITLES = {"data": "data", "stage1": "stage one (KTSE+)", "irn": "IRN", "beco": "BECO", "crf": "BECO + CRF"}
+
+
+@dataclass
+class ToySize:
+    """Everything that changes between the toy sizes (dataset and the small training budgets)."""
+
+    n_train: int
+    n_val: int
+    max_size: int
+    # stage one
+    width: float
+    epochs: int
+    T: int
+    batch_size: int
+    crop: int
+    resize: tuple[int, int]
+    lr: float
+    # IRN
+    irn_crop: int
+    irn_batch: int
+    irn_epochs: int
+    # BECO
+    beco_epochs: int
+    beco_batch: int
+    beco_crop: int
+
+
+TOY_SIZES: dict[str, ToySize] = {
+    # the README's demo: <= 10 minutes on 2 CPU cores
+    "small": ToySize(n_train=120, n_val=40, max_size=128, width=0.125, epochs=8, T=3, batch_size=16, crop=96,
+                     resize=(96, 144), lr=0.05, irn_crop=96, irn_batch=16, irn_epochs=3,
+                     beco_epochs=8, beco_batch=8, beco_crop=96),
+    # the CI test: <= 3 minutes
+    "tiny": ToySize(n_train=24, n_val=8, max_size=80, width=0.0625, epochs=2, T=1, batch_size=8, crop=64,
+                    resize=(64, 96), lr=0.05, irn_crop=64, irn_batch=8, irn_epochs=1,
+                    beco_epochs=2, beco_batch=4, beco_crop=64),
+}
+
+
+@dataclass
+class PipelineConfig:
+    """Resolved settings of one run (paths relative to the repo root)."""
+
+    preset: str
+    name: str
+    data_root: str
+    size: str = "small"
+    device: str = "auto"
+    workers: int = 2
+    exp_root: str = "experiments"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def exp_dir(self) -> str:
+        return f"{self.exp_root}/{self.name}"
+
+    @property
+    def lists_dir(self) -> str:
+        return f"{self.data_root}/lists" if self.preset == "toy" else "voc12"
+
+    @property
+    def toy(self) -> ToySize:
+        return TOY_SIZES[self.size]
+
+
+def default_config(preset: str, name: str | None = None, data_root: str | None = None, size: str = "small",
+                   device: str = "auto", workers: int | None = None, exp_root: str = "experiments") -> PipelineConfig:
+    if preset == "toy":
+        root = data_root or ("data/toy" if size == "small" else f"data/toy_{size}")
+        return PipelineConfig("toy", name or ("toy" if size == "small" else f"toy_{size}"), root, size, device,
+                              workers if workers is not None else min(2, os.cpu_count() or 1), exp_root)
+    if preset == "voc":
+        return PipelineConfig("voc", name or "ktse1", data_root or "data/VOC2012", size, device,
+                              workers if workers is not None else min(8, os.cpu_count() or 1), exp_root)
+    raise ValueError(f"unknown preset {preset!r} (toy or voc)")
+
+
+def _rel(path: str, cwd: str) -> str:
+    """``path`` (repo-relative) as seen from ``cwd`` (repo-relative)."""
+    if cwd in ("", "."):
+        return path
+    return os.path.relpath(REPO_ROOT / path, REPO_ROOT / cwd)
+
+
+def _eval_metrics(json_path: str):
+    def read(_log: str) -> dict:
+        obj = read_json(REPO_ROOT / json_path)
+        if not obj:
+            return {}
+        out = {"miou": eval_json_miou(obj)}
+        if obj.get("best_th") is not None:
+            out["best_th"] = float(obj["best_th"])
+        return out
+    return read
+
+
+def _log_miou(json_path: str | None = None):
+    """Figures of a BECO scoring step: its JSON when it writes one, else its printed ``mIoU:`` line."""
+    def read(log: str) -> dict:
+        if json_path:
+            obj = read_json(REPO_ROOT / json_path)
+            m = eval_json_miou(obj)
+            if m is not None:
+                return {"miou": m if m > 1.0 else m * 100.0}
+        m = parse_miou_line(log)
+        return {} if m is None else {"miou": m}
+    return read
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Paths:
+    """Where each stage writes (repo-relative)."""
+
+    ckpt: str                # stage-one checkpoint of the epoch used downstream (…/NNNnet_main.pth)
+    load_epo: int
+    dict_dir: str            # stage-one CAM dictionaries
+    cam_eval_json: str
+    irn_root: str            # IRN result folder
+    irn_sem_seg: str
+    irn_score: str
+    irn_mask: str
+    irn_weights: str
+    irn_eval_json: str
+    beco_log_base: str       # BECO logging base (…/<tag>/ holds checkpoints, logits_msc, val_pred)
+    beco_tag: str
+    beco_eval_json: str
+    beco_crf_eval_json: str
+
+    @property
+    def beco_dir(self) -> str:
+        return f"{self.beco_log_base}/{self.beco_tag}"
+
+
+def paths_for(cfg: PipelineConfig) -> Paths:
+    exp = cfg.exp_dir
+    if cfg.preset == "toy":
+        epo = cfg.toy.epochs - 1
+        irn = f"{exp}/irn"
+        return Paths(ckpt=f"{exp}/ckpt/{epo:03d}net_main.pth", load_epo=epo, dict_dir=f"{exp}/dict",
+                     cam_eval_json=f"{exp}/eval_cam.json", irn_root=irn, irn_sem_seg=f"{irn}/sem_seg",
+                     irn_score=f"{irn}/score", irn_mask=f"{irn}/mask_irn", irn_weights=f"{irn}/res50_irn.pth",
+                     irn_eval_json=f"{exp}/eval_irn.json", beco_log_base=f"{exp}/beco", beco_tag="seg",
+                     beco_eval_json=f"{exp}/eval_beco.json", beco_crf_eval_json=f"{exp}/eval_beco_crf.json")
+    return Paths(ckpt=f"{exp}/ckpt/031net_main.pth", load_epo=31, dict_dir=f"{exp}/dict",
+                 cam_eval_json=f"{exp}/eval_cam.json", irn_root="irn/result", irn_sem_seg="segmentation/data/sem_seg",
+                 irn_score="irn/result/score", irn_mask="segmentation/data/mask_irn",
+                 irn_weights="irn/sess/res50_irn.pth", irn_eval_json=f"{exp}/eval_irn.json",
+                 beco_log_base="segmentation/data/logging", beco_tag="seg_result",
+                 beco_eval_json=f"{exp}/eval_beco.json", beco_crf_eval_json=f"{exp}/eval_beco_crf.json")
+
+
+def build_steps(cfg: PipelineConfig) -> list[Step]:
+    """Every step of the chain for ``cfg`` in order (selection by --from/--to happens later)."""
+    p = paths_for(cfg)
+    lists = cfg.lists_dir
+    train_list, val_list, aug_list = f"{lists}/train.txt", f"{lists}/val.txt", f"{lists}/train_aug.txt"
+    cls_labels = f"{lists}/cls_labels.npy"
+    dev = ["--device", cfg.device] if cfg.device != "auto" else []
+    steps: list[Step] = []
+    toy = cfg.preset == "toy"
+    t = cfg.toy if toy else None
+
+    # ---- data
+    if toy:
+        steps.append(Step("toy_data", "data", ["python", "-m", "voc12.toy", "--out", cfg.data_root,
+                                               "--n_train", str(t.n_train), "--n_val", str(t.n_val),
+                                               "--max_size", str(t.max_size)],
+                          outputs=[f"{cfg.data_root}/toy_meta.json"], title="generate the toy VOC set"))
+    steps.append(Step("prepare", "data", ["python", "voc12/prepare.py", "--voc_root", cfg.data_root,
+                                          "--out_dir", lists],
+                      outputs=[cls_labels, train_list, val_list, aug_list], title="lists and class labels"))
+
+    # ---- stage one
+    train = ["python", "train.py", "--name", cfg.name, "--model", "ktse"]
+    if toy:
+        train += ["--data_root", cfg.data_root, "--train_list", aug_list, "--val_list", train_list,
+                  "--cls_labels", cls_labels, "--init", "none", "--width", str(t.width),
+                  "--max_epochs", str(t.epochs), "--T", str(t.T), "--batch_size", str(t.batch_size),
+                  "--crop", str(t.crop), str(t.crop), "--resize", str(t.resize[0]), str(t.resize[1]),
+                  "--lr", str(t.lr), "--workers", str(cfg.workers), "--val_epochs", "none"] + dev
+    else:
+        train += dev
+    steps.append(Step("train", "stage1", train, outputs=[p.ckpt], resume_args=["--resume"],
+                      resume_if=f"{cfg.exp_dir}/ckpt/last.pth", title="train the stage-one network"))
+    infer = ["python", "infer.py", "--name", cfg.name, "--model", "ktse", "--load_epo", str(p.load_epo), "--dict",
+             "--infer_list", aug_list]
+    if toy:
+        infer += ["--data_root", cfg.data_root, "--cls_labels", cls_labels, "--workers", str(cfg.workers)] + dev
+    else:
+        infer += dev
+    steps.append(Step("infer", "stage1", infer, outputs=[PerIdOutputs(p.dict_dir, aug_list, ".npy")],
+                      overwrite_args=["--overwrite"], title="multi-scale CAM dictionaries"))
+    ev = ["python", "evaluation.py", "--name", cfg.name, "--task", "cam", "--dict_dir", "dict"]
+    if toy:
+        ev += ["--data_root", cfg.data_root, "--list", "train", "--workers", str(cfg.workers)]
+    steps.append(Step("eval_cam", "stage1", ev, outputs=[p.cam_eval_json], metrics=_eval_metrics(p.cam_eval_json),
+                      title="CAM-seed threshold sweep"))
+
+    # ---- IRN (run from irn/)
+    run_sample = ["python", "run_sample.py"]
+    ckpt_noext = _rel(p.ckpt[:-len(".pth")], "irn")
+    run_sample += ["--voc12_root", _rel(cfg.data_root, "irn"), "--train_list", _rel(aug_list, "irn"),
+                   "--infer_list", _rel(train_list, "irn"), "--cls_labels", _rel(cls_labels, "irn"),
+                   "--cam_weights_name", ckpt_noext]
+    if toy:
+        irn = _rel(p.irn_root, "irn")
+        run_sample += ["--cam_out_dir", f"{irn}/cam", "--ir_label_out_dir", f"{irn}/ir_label",
+                       "--sem_seg_out_dir", _rel(p.irn_sem_seg, "irn"), "--score_dir", _rel(p.irn_score, "irn"),
+                       "--irn_weights_name", _rel(p.irn_weights, "irn"), "--irn_crop_size", str(t.irn_crop),
+                       "--irn_batch_size", str(t.irn_batch), "--irn_num_epoches", str(t.irn_epochs),
+                       "--irn_backbone_init", "none", "--num_workers", str(cfg.workers)] + dev
+    else:
+        run_sample += dev
+    steps.append(Step("run_sample", "irn", run_sample, cwd="irn",
+                      outputs=[PerIdOutputs(p.irn_sem_seg, aug_list, ".png")],
+                      overwrite_args=["--overwrite"], title="IRN: CAMs, IR labels, IRN training, random walk"))
+    steps.append(Step("eval_irn", "irn", ["python", "evaluation.py", "--name", cfg.name, "--task", "png",
+                                          "--pred_dir", p.irn_sem_seg, "--data_root", cfg.data_root,
+                                          "--list", "train", "--workers", str(cfg.workers),
+                                          "--out_json", p.irn_eval_json],
+                      outputs=[p.irn_eval_json], metrics=_eval_metrics(p.irn_eval_json),
+                      title="score the IRN pseudo-labels"))
+    gen_mask = ["python", "gen_mask.py"]
+    gen_mask += ["--score_dir", _rel(p.irn_score, "irn"), "--mask_dir", _rel(p.irn_mask, "irn")]
+    steps.append(Step("gen_mask", "irn", gen_mask, cwd="irn", outputs=[PerIdOutputs(p.irn_mask, aug_list, ".png")],
+                      overwrite_args=["--overwrite"], title="confidence masks"))
+
+    # ---- BECO (run from segmentation/)
+    seg = "segmentation"
+    main = ["python", "main.py", "--logging_tag", p.beco_tag]
+    common = ["--logging_path_base", _rel(p.beco_log_base, seg)]
+    if toy:
+        common += ["--data_root", _rel(cfg.data_root, seg), "--sem_seg_dir", _rel(p.irn_sem_seg, seg),
+                   "--mask_dir", _rel(p.irn_mask, seg), "--train_list", _rel(aug_list, seg),
+                   "--val_list", _rel(val_list, seg), "--backbone", "resnet18", "--pretrained", "none",
+                   "--max_epoch", str(t.beco_epochs), "--batch_size", str(t.beco_batch),
+                   "--crop_size", str(t.beco_crop), "--num_workers", str(cfg.workers)] + dev
+        train_beco = main + common + ["--no_test"]
+    else:
+        train_beco = main + ["-dist", "--amp"] + common + ["--no_test"]
+    best = f"{p.beco_dir}/best_ckpt.pth"
+    steps.append(Step("beco_train", "beco", train_beco, cwd=seg, outputs=[best], resume_args=["--resume"],
+                      resume_if=f"{p.beco_dir}/last_ckpt.pth", title="train DeepLabV2 with BECO"))
+    logits = f"{p.beco_dir}/logits_msc"
+    steps.append(Step("beco_test", "beco", main + ["--test", "--ckpt", _rel(best, seg)] + common, cwd=seg,
+                      outputs=[PerIdOutputs(logits, val_list, ".npy")], metrics=_log_miou(),
+                      title="multi-scale test (logits)"))
+    pred_plain, pred_crf = f"{p.beco_dir}/val_pred", f"{p.beco_dir}/val_pred_crf"
+    test = ["python", "test.py", "--logits_dir", _rel(logits, seg), "--mode", "val", "--n-jobs", str(cfg.workers)]
+    if toy:
+        test += ["--data_root", _rel(cfg.data_root, seg), "--val_list", _rel(val_list, seg)]
+    steps.append(Step("beco_score", "beco", test + ["--pred_dir", _rel(pred_plain, seg)], cwd=seg,
+                      outputs=[PerIdOutputs(pred_plain, val_list, ".png")], metrics=_log_miou(),
+                      title="score the multi-scale logits (no CRF)"))
+    steps.append(Step("eval_beco", "beco", ["python", "evaluation.py", "--name", cfg.name, "--task", "png",
+                                            "--pred_dir", pred_plain, "--data_root", cfg.data_root, "--list", "val",
+                                            "--workers", str(cfg.workers), "--out_json", p.beco_eval_json],
+                      outputs=[p.beco_eval_json], metrics=_eval_metrics(p.beco_eval_json),
+                      title="per-class IoU of the BECO predictions"))
+    steps.append(Step("beco_crf", "crf", ["python", "test.py", "--crf"] + test[2:] + ["--pred_dir", _rel(pred_crf, seg)],
+                      cwd=seg, outputs=[PerIdOutputs(pred_crf, val_list, ".png")], metrics=_log_miou(),
+                      title="dense CRF on the logits"))
+    steps.append(Step("eval_beco_crf", "crf", ["python", "evaluation.py", "--name", cfg.name, "--task", "png",
+                                               "--pred_dir", pred_crf, "--data_root", cfg.data_root, "--list", "val",
+                                               "--workers", str(cfg.workers), "--out_json", p.beco_crf_eval_json],
+                      outputs=[p.beco_crf_eval_json], metrics=_eval_metrics(p.beco_crf_eval_json),
+                      title="per-class IoU after CRF"))
+    return steps
+
+
+def select_steps(steps: list[Step], start: str | None, stop: str | None) -> list[Step]:
+    """Steps from ``start`` to ``stop`` inclusive; each may be a stage name or a step name."""
+    names = [s.name for s in steps]
+
+    def index(key: str, first: bool) -> int:
+        if key in names:
+            return names.index(key)
+        idx = [i for i, s in enumerate(steps) if s.stage == key]
+        if not idx:
+            raise ValueError(f"unknown stage or step {key!r}; stages: {', '.join(STAGES)}; steps: {', '.join(names)}")
+        return idx[0] if first else idx[-1]
+
+    a = index(start, True) if start else 0
+    b = index(stop, False) if stop else len(steps) - 1
+    if a > b:
+        raise ValueError(f"--from {start} comes after --to {stop}")
+    return steps[a:b + 1]

@@ -1,0 +1,181 @@
+"""The whole KTSE+ pipeline in one command: stage one (train → infer → evaluate), IRN (run_sample →
+score → gen_mask), BECO (train → test → test.py, with and without CRF), then one table and a report.
+
+    python run_pipeline.py --preset toy            # synthetic data, CPU, about 10 minutes
+    python run_pipeline.py --preset voc            # reference settings on data/VOC2012 (GPUs)
+    python run_pipeline.py --preset toy --from irn --to beco
+    python run_pipeline.py --preset voc --dry_run  # only print the commands
+
+Every step is the same command a user would type (printed before it runs). Steps whose outputs
+exist are skipped, so an interrupted run is finished by running the same command again; the final
+table is rebuilt from the recorded figures. Outputs: ``experiments/<name>/report.md`` (+ PNGs in
+``experiments/<name>/report/``) and ``experiments/<name>/pipeline/`` (per-step logs and records,
+``summary.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from anywhere: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pipeline.plan import STAGE_TITLES, STAGES, TOY_SIZES, build_steps, default_config, paths_for, select_steps
+from pipeline.report import (GridColumn, ReportInputs, StageRow, format_table, read_json, rows_from_json,
+                             rows_to_json, trivial_baselines, write_report)
+from pipeline.runner import REPO_ROOT, StepFailed, StepResult, collect_results, run_steps
+from tools.errors import WSSSError
+from tools.io import atomic_write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=("toy", "voc"), default="toy",
+                   help="toy: synthetic data, small CPU models; voc: reference settings on data/VOC2012")
+    p.add_argument("--size", choices=tuple(TOY_SIZES), default="small",
+                   help="toy preset only: 'small' (the demo, <= 10 min on 2 cores) or 'tiny' (CI, <= 3 min)")
+    p.add_argument("--name", default=None, help="experiment name (default: toy / toy_tiny / ktse1)")
+    p.add_argument("--data_root", default=None, help="VOC-format root (default data/toy or data/VOC2012)")
+    p.add_argument("--from", dest="start", default=None, metavar="STAGE",
+                   help=f"first stage or step to run ({', '.join(STAGES)}, or a step name)")
+    p.add_argument("--to", dest="stop", default=None, metavar="STAGE", help="last stage or step to run")
+    p.add_argument("--device", default="auto", help="device for every stage (auto, cpu, cuda, cuda:1)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes per step (default 2 toy / 8 voc)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo the selected steps even if their outputs exist (passes --overwrite where a CLI has it)")
+    p.add_argument("--dry_run", action="store_true", help="print the commands and exit")
+    p.add_argument("--quiet", action="store_true", help="do not echo the steps' output (it is still logged)")
+    p.add_argument("--no_report", action="store_true", help="print the table only, no report.md / PNGs")
+    return p
+
+
+def _stage_seconds(results: list[StepResult], stage: str) -> float | None:
+    secs = [r.seconds for r in results if r.stage == stage and r.seconds is not None]
+    return round(sum(secs), 3) if secs else None
+
+
+def build_rows(results: list[StepResult], baselines: dict[str, dict], toy: bool) -> list[StageRow]:
+    """The final table from the step results (figures recorded by each step's metrics reader)."""
+    by = {r.name: r.metrics for r in results}
+
+    def base(split: str) -> float | None:
+        b = baselines.get(split) or {}
+        vals = [v for k, v in b.items() if k in ("all_background", "centre_box")]
+        return max(vals) if vals else None
+
+    rows = [StageRow(STAGE_TITLES["data"], "toy set + lists" if toy else "lists + class labels", "",
+                     seconds=_stage_seconds(results, "data"))]
+    cam = by.get("eval_cam", {})
+    rows.append(StageRow(STAGE_TITLES["stage1"], "CAM seeds, best threshold", "train", cam.get("miou"), base("train"),
+                         _stage_seconds(results, "stage1"),
+                         f"t={cam['best_th']:.2f}" if cam.get("best_th") is not None else ""))
+    rows.append(StageRow(STAGE_TITLES["irn"], "pseudo-labels (random walk)", "train", by.get("eval_irn", {}).get("miou"),
+                         base("train"), _stage_seconds(results, "irn")))
+    for stage, score, ev in (("beco", "beco_score", "eval_beco"), ("crf", "beco_crf", "eval_beco_crf")):
+        m21 = by.get(ev, {}).get("miou")
+        rows.append(StageRow(STAGE_TITLES[stage], "val mIoU (test.py" + (" --crf)" if stage == "crf" else ")"), "val",
+                             by.get(score, {}).get("miou"), base("val"), _stage_seconds(results, stage),
+                             f"21-class mean {m21:.2f}%" if m21 is not None else ""))
+    return rows
+
+
+def compute_baselines(cfg, lists: Path) -> dict[str, dict]:
+    """Trivial baselines on the train and val lists (empty when the data is not there yet)."""
+    from voc12.data import load_cls_labels, read_id_list
+
+    out: dict[str, dict] = {}
+    gt_dir = REPO_ROOT / cfg.data_root / "SegmentationClass"
+    cls_path = lists / "cls_labels.npy"
+    if not gt_dir.is_dir() or not cls_path.is_file():
+        return out
+    cls = load_cls_labels(cls_path)
+    for split in ("train", "val"):
+        lst = lists / f"{split}.txt"
+        if lst.is_file():
+            try:
+                out[split] = trivial_baselines(read_id_list(lst), gt_dir, cls)
+            except WSSSError:
+                continue
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = default_config(args.preset, args.name, args.data_root, args.size, args.device, args.workers)
+    os.chdir(REPO_ROOT)  # every path in the plan is relative to the repo root
+    try:
+        steps = select_steps(build_steps(cfg), args.start, args.stop)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    exp = REPO_ROOT / cfg.exp_dir
+    record_dir = exp / "pipeline"
+    print(f"KTSE+ pipeline, preset '{cfg.preset}'" + (f" ({cfg.size})" if cfg.preset == "toy" else "") +
+          f", experiment '{cfg.name}', data '{cfg.data_root}', steps: {', '.join(s.name for s in steps)}")
+    t0 = time.perf_counter()
+    try:
+        run_steps(steps, record_dir, REPO_ROOT, overwrite=args.overwrite, dry_run=args.dry_run,
+                  echo=not args.quiet)
+    except StepFailed as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to continue (finished steps are skipped)", file=sys.stderr)
+        return 130
+    if args.dry_run:
+        return 0
+    # The table covers the whole chain, also when only part of it ran now: records of the other
+    # steps are read back without running anything.
+    all_results = collect_results(build_steps(cfg), record_dir, REPO_ROOT)
+    baselines = compute_baselines(cfg, REPO_ROOT / cfg.lists_dir)
+    rows = build_rows(all_results, baselines, cfg.preset == "toy")
+    title = f"\nKTSE+ pipeline '{cfg.name}' ({cfg.preset}), this run {time.perf_counter() - t0:.1f} s"
+    print(format_table(rows, title))
+    for split, b in baselines.items():
+        print(f"trivial baselines on {split}: all background {b['all_background']:.2f}%, centre box "
+              f"{b.get('centre_box', float('nan')):.2f}% (area {b.get('centre_box_area', float('nan')):.2f})")
+    summary = {"preset": cfg.preset, "size": cfg.size if cfg.preset == "toy" else None, "name": cfg.name,
+               "data_root": cfg.data_root, "rows": rows_to_json(rows), "baselines": baselines,
+               "steps": [{"name": r.name, "stage": r.stage, "command": r.command, "seconds": r.seconds,
+                          "metrics": r.metrics} for r in all_results]}
+    atomic_write_json(record_dir / "summary.json", summary)
+    if not args.no_report:
+        md = write_report(report_inputs(cfg, rows, all_results))
+        print(f"report: {md.relative_to(REPO_ROOT)}")
+    return 0
+
+
+def report_inputs(cfg, rows: list[StageRow], results: list[StepResult]) -> ReportInputs:
+    from voc12.data import read_id_list
+
+    p = paths_for(cfg)
+    lists = REPO_ROOT / cfg.lists_dir
+    examples: list[tuple[str, str]] = []
+    for split, n in (("train", 3), ("val", 2)):
+        lst = lists / f"{split}.txt"
+        if lst.is_file():
+            examples += [(split, i) for i in read_id_list(lst)[:n]]
+    gt = REPO_ROOT / cfg.data_root / "SegmentationClass"
+    cols = [GridColumn("image", "image"), GridColumn("ground truth", "gt", gt),
+            GridColumn("CAM seed", "cam", REPO_ROOT / p.dict_dir, ".npy"),
+            GridColumn("IRN pseudo-label", "label", REPO_ROOT / p.irn_sem_seg),
+            GridColumn("IRN mask", "mask", REPO_ROOT / p.irn_mask),
+            GridColumn("BECO", "label", REPO_ROOT / p.beco_dir / "val_pred"),
+            GridColumn("BECO + CRF", "label", REPO_ROOT / p.beco_dir / "val_pred_crf")]
+    series = {"CAM seeds (train)": REPO_ROOT / p.cam_eval_json, "IRN pseudo-labels (train)": REPO_ROOT / p.irn_eval_json,
+              "BECO (val)": REPO_ROOT / p.beco_eval_json, "BECO + CRF (val)": REPO_ROOT / p.beco_crf_eval_json}
+    notes = []
+    if cfg.preset == "toy":
+        notes.append("Toy preset: synthetic images, networks trained from scratch at small width; the figures "
+                     "show the chain works and each stage's effect, not the paper's accuracy.")
+    return ReportInputs(name=cfg.name, exp_dir=REPO_ROOT / cfg.exp_dir, data_root=REPO_ROOT / cfg.data_root, rows=rows,
+                        cam_eval_json=REPO_ROOT / p.cam_eval_json, per_class_jsons=series, example_ids=examples,
+                        columns=cols, commands=[f"$ {r.command}" for r in results], notes=notes, preset=cfg.preset)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""run_pipeline.py and pipeline/: the step runner (skip, records, failures, interruption), the
+report (table, baselines, plots) on synthetic stage outputs, the presets' commands, and the whole
+toy chain at its smallest size."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.plan import STAGES, build_steps, default_config, paths_for, select_steps
+from pipeline.report import (GridColumn, ReportInputs, StageRow, centre_box_prediction, eval_json_iou,
+                             eval_json_miou, format_table, markdown_table, parse_miou_line, trivial_baselines,
+                             write_report)
+from pipeline.runner import PerIdOutputs, Step, StepFailed, collect_results, run_steps
+from tools.imutils import write_label_png
+from tools.io import atomic_save_npy, atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing and baselines
+
+
+def test_parse_miou_line() -> None:
+    assert parse_miou_line("x\nmIoU: 0.61234\n") == pytest.approx(61.234)
+    assert parse_miou_line("     mIoU: 45.123%\n") == pytest.approx(45.123)
+    # the reference "Final test results" line: fractions; the last match wins
+    log = "INFO Final test results: Overall_Acc:0.9, mClass_Acc:0.8, mPred_Acc:0.7, mIoU:0.55012, \nmIoU: 0.6"
+    assert parse_miou_line(log) == pytest.approx(60.0)
+    assert parse_miou_line("no figures here") is None
+    assert eval_json_miou({"best_miou": 40.5, "miou": [1, 40.5]}) == 40.5
+    assert eval_json_miou({"miou": [33.0]}) == 33.0
+    assert eval_json_iou({"iou": [[1.0] * 21]}) == [1.0] * 21
+    assert eval_json_miou(None) is None
+
+
+def test_trivial_baselines(tmp_path: Path) -> None:
+    gt_dir = tmp_path / "gt"
+    gts = {"a": centre_box_prediction((40, 60), [3], 0.5), "b": np.zeros((30, 30), np.uint8)}
+    gts["b"][:, :15] = 7
+    gts["b"][0, :] = 255
+    for k, v in gts.items():
+        write_label_png(gt_dir / f"{k}.png", v)
+    labels = {"a": np.eye(20, dtype=np.float32)[2], "b": np.eye(20, dtype=np.float32)[6]}
+    b = trivial_baselines(["a", "b"], gt_dir, labels)
+    assert 0 < b["all_background"] < b["centre_box"] <= 100
+    assert b["centre_box_area"] in (0.25, 0.5, 0.75)
+    box = centre_box_prediction((10, 20), [1, 2], 0.5)
+    assert set(np.unique(box)) == {0, 1, 2} and (box == 1).sum() == (box == 2).sum()
+
+
+def test_table_formats() -> None:
+    rows = [StageRow("data", "toy", "", seconds=3.0),
+            StageRow("stage one", "CAM seeds", "train", 41.2, 20.0, 125.0, "t=0.15"),
+            StageRow("IRN", "pseudo-labels", "train", None, 20.0, None)]
+    text = format_table(rows, "title")
+    assert "41.20%" in text and "2 min 05.0 s" in text and "—" in text and "total" in text
+    assert "| stage one | CAM seeds (t=0.15) | train | 41.20% | 20.00% | 2 min 05.0 s |" in markdown_table(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# the runner
+
+
+def _py(code: str) -> list[str]:
+    return ["python", "-c", code]
+
+
+def test_runner_runs_skips_and_records(tmp_path: Path, capsys) -> None:
+    rec = tmp_path / "rec"
+    (tmp_path / "ids.txt").write_text("x1\nx2\n")
+    steps = [
+        Step("one", "data", _py("import pathlib; pathlib.Path('a.txt').write_text('1'); print('mIoU: 0.5')"),
+             outputs=["a.txt"], metrics=lambda log: {"miou": parse_miou_line(log)}),
+        Step("two", "irn", _py("import pathlib; [pathlib.Path(f'o/{i}.png').parent.mkdir(exist_ok=True) or "
+                               "pathlib.Path(f'o/{i}.png').write_text('') for i in ('x1', 'x2')]"),
+             outputs=[PerIdOutputs("o", "ids.txt", ".png")]),
+    ]
+    res = run_steps(steps, rec, root=tmp_path, echo=False)
+    assert [r.skipped for r in res] == [False, False]
+    assert res[0].metrics == {"miou": pytest.approx(50.0)}
+    assert json.loads((rec / "one.json").read_text())["metrics"]["miou"] == pytest.approx(50.0)
+    assert "mIoU: 0.5" in (rec / "one.log").read_text()
+    # second run: nothing runs, the recorded time and figures come back
+    res2 = run_steps(steps, rec, root=tmp_path, echo=False)
+    assert [r.skipped for r in res2] == [True, True]
+    assert res2[0].metrics == res[0].metrics and res2[0].seconds == pytest.approx(res[0].seconds, abs=1e-3)
+    assert [r.metrics for r in collect_results(steps, rec, tmp_path)] == [r.metrics for r in res2]
+    # a missing per-id output makes the step run again
+    (tmp_path / "o" / "x2.png").unlink()
+    res3 = run_steps(steps, rec, root=tmp_path, echo=False)
+    assert [r.skipped for r in res3] == [True, False]
+    # dry run prints the commands as typed
+    run_steps([Step("z", "beco", ["python", "main.py", "--x", "a b"], cwd="segmentation")], rec, root=tmp_path,
+              dry_run=True)
+    assert "$ cd segmentation && python main.py --x 'a b'" in capsys.readouterr().out
+
+
+def test_runner_failure_and_missing_outputs(tmp_path: Path) -> None:
+    rec = tmp_path / "rec"
+    with pytest.raises(StepFailed, match="exit code 3"):
+        run_steps([Step("bad", "data", _py("import sys; print('boom'); sys.exit(3)"), outputs=["x"])], rec,
+                  root=tmp_path, echo=False)
+    assert "boom" in (rec / "bad.log").read_text()
+    assert not (rec / "bad.json").exists() and (rec / "bad.partial.json").exists()
+    with pytest.raises(StepFailed, match="did not write"):
+        run_steps([Step("lazy", "data", _py("pass"), outputs=["never.txt"])], rec, root=tmp_path, echo=False)
+
+
+def test_runner_interrupted_then_resumed(tmp_path: Path) -> None:
+    """SIGTERM to a running pipeline stops the step's process too; rerunning finishes and keeps the
+    first step's record (same table)."""
+    script = tmp_path / "pipe.py"
+    script.write_text(f"""
+import sys, pathlib
+sys.path.insert(0, {str(ROOT)!r})
+from pipeline.runner import Step, run_steps
+root = pathlib.Path({str(tmp_path)!r})
+slow = "import time, pathlib; pathlib.Path('started').write_text('1'); time.sleep(float(open('delay').read())); pathlib.Path('b.txt').write_text('2')"
+steps = [Step('one', 'data', ['python', '-c', "import pathlib; pathlib.Path('a.txt').write_text('1'); print('mIoU: 0.25')"],
+              outputs=['a.txt'], metrics=lambda log: {{'m': log.strip()}}),
+         Step('two', 'irn', ['python', '-c', slow], outputs=['b.txt'])]
+res = run_steps(steps, root / 'rec', root=root, echo=False)
+print('RESULT', [r.skipped for r in res], res[0].metrics)
+""")
+    (tmp_path / "delay").write_text("60")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if (tmp_path / "started").exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    assert proc.returncode != 0 and not (tmp_path / "b.txt").exists()
+    time.sleep(0.2)
+    # the killed step's child process is gone too (it would have written b.txt after the delay)
+    (tmp_path / "delay").write_text("0")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60).stdout
+    assert "RESULT [True, False]" in out and "mIoU: 0.25" in out
+    assert (tmp_path / "b.txt").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# presets
+
+
+def test_presets_commands() -> None:
+    voc = build_steps(default_config("voc"))
+    cmds = {s.name: s.display(s.argv) for s in voc}
+    # the seed commands (README) appear as typed
+    assert cmds["train"].startswith("python train.py --name ktse1 --model ktse")
+    assert cmds["infer"].startswith("python infer.py --name ktse1 --model ktse --load_epo 31 --dict "
+                                    "--infer_list voc12/train_aug.txt")
+    assert cmds["eval_cam"] == "python evaluation.py --name ktse1 --task cam --dict_dir dict"
+    assert cmds["run_sample"].startswith("cd irn && python run_sample.py")
+    assert cmds["gen_mask"].startswith("cd irn && python gen_mask.py")
+    assert cmds["beco_crf"].startswith("cd segmentation && python test.py --crf --logits_dir")
+    toy = default_config("toy", size="tiny")
+    steps = build_steps(toy)
+    assert steps[0].name == "toy_data" and toy.data_root == "data/toy_tiny"
+    # every toy output stays under experiments/<name>/ or the toy data folder
+    for s in steps:
+        for o in s.outputs:
+            path = o.folder if isinstance(o, PerIdOutputs) else o
+            assert path.startswith((toy.exp_dir, toy.data_root)), (s.name, path)
+    assert [s.name for s in select_steps(steps, "irn", "irn")] == ["run_sample", "eval_irn", "gen_mask"]
+    assert [s.name for s in select_steps(steps, "beco_crf", None)] == ["beco_crf", "eval_beco_crf"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        select_steps(steps, "nope", None)
+    assert set(STAGES) == {s.stage for s in steps}
+
+
+# ----------------------------------------------------------------------------------------------
+# the report on synthetic outputs
+
+
+def test_report_on_synthetic_outputs(tmp_path: Path, toy_voc: Path) -> None:
+    from voc12.data import load_cls_labels, read_id_list
+
+    lists = toy_voc / "lists"
+    train_ids, val_ids = read_id_list(lists / "train.txt"), read_id_list(lists / "val.txt")
+    cls = load_cls_labels(lists / "cls_labels.npy")
+    exp = tmp_path / "exp"
+    gt_dir = toy_voc / "SegmentationClass"
+    from tools.imutils import read_label_png
+    for i in train_ids[:2]:
+        gt = read_label_png(gt_dir / f"{i}.png")
+        # a CAM dict that is the gt blurred into [0, 1): the seed at a low threshold is close to the gt
+        d = {int(k) - 1: ((gt == k) * 0.8).astype(np.float32) for k in np.unique(gt) if 0 < k < 21}
+        atomic_save_npy(exp / "dict" / f"{i}.npy", d)
+        write_label_png(exp / "sem_seg" / f"{i}.png", np.where(gt == 255, 0, gt).astype(np.uint8), palette=False)
+    for i in val_ids[:1]:
+        gt = read_label_png(gt_dir / f"{i}.png")
+        write_label_png(exp / "val_pred" / f"{i}.png", np.where(gt == 255, 0, gt).astype(np.uint8))
+    th = [t / 100 for t in range(10, 30)]
+    atomic_write_json(exp / "eval_cam.json", {"thresholds": th, "miou": [30 + t * 10 for t in th], "best_th": 0.29,
+                                             "best_miou": 32.9, "iou_at_best": list(np.linspace(0, 90, 21))})
+    atomic_write_json(exp / "eval_irn.json", {"miou": [40.0], "iou": [list(np.linspace(10, 80, 21))]})
+    rows = [StageRow("stage one", "CAM seeds", "train", 32.9, 10.0, 5.0),
+            StageRow("IRN", "pseudo-labels", "train", 40.0, 10.0, 6.0), StageRow("BECO", "val", "val", None)]
+    cols = [GridColumn("image", "image"), GridColumn("ground truth", "gt", gt_dir),
+            GridColumn("CAM seed", "cam", exp / "dict", ".npy"), GridColumn("IRN", "label", exp / "sem_seg"),
+            GridColumn("BECO", "label", exp / "val_pred")]
+    md = write_report(ReportInputs("synthetic", exp, toy_voc, rows, exp / "eval_cam.json",
+                                   {"CAM": exp / "eval_cam.json", "IRN": exp / "eval_irn.json",
+                                    "BECO": exp / "missing.json"},
+                                   [("train", i) for i in train_ids[:2]] + [("val", val_ids[0])], cols,
+                                   ["$ python train.py"], ["a note"], "toy"))
+    text = md.read_text()
+    for png in ("stages.png", "threshold_curve.png", "per_class_iou.png", "examples.png"):
+        assert (exp / "report" / png).stat().st_size > 1000, png
+        assert f"report/{png}" in text
+    assert "| stage one | CAM seeds | train | 32.90% | 10.00% | 5.0 s |" in text and "a note" in text
+    assert "| aeroplane |" in text
+    baselines = trivial_baselines(train_ids, gt_dir, cls)
+    assert baselines["centre_box"] > baselines["all_background"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole chain at its smallest size
+
+
+STAGE_CLIS = ("train.py", "infer.py", "evaluation.py", "irn/run_sample.py", "irn/gen_mask.py",
+              "segmentation/main.py", "segmentation/test.py")
+
+
+@pytest.mark.skipif(not all((ROOT / f).is_file() for f in STAGE_CLIS), reason="stage CLIs not all present yet")
+def test_toy_pipeline_tiny_end_to_end(tmp_path: Path) -> None:
+    """``run_pipeline.py --preset toy --size tiny``: every stage's outputs exist, every mIoU is
+    above the all-background baseline, and a rerun skips everything with the same table."""
+    name = f"pytest_tiny_{os.getpid()}"
+    data = tmp_path / "toy_tiny"
+    cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "toy", "--size", "tiny", "--name", name,
+           "--data_root", os.path.relpath(data, ROOT), "--quiet"]
+    exp = ROOT / "experiments" / name
+    try:
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        elapsed = time.perf_counter() - t0
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        summary = json.loads((exp / "pipeline" / "summary.json").read_text())
+        rows = {row["stage"]: row for row in summary["rows"]}
+        base = summary["baselines"]
+        for stage, split in (("stage one (KTSE+)", "train"), ("IRN", "train"), ("BECO", "val"), ("BECO + CRF", "val")):
+            assert rows[stage]["miou"] is not None, (stage, r.stdout[-3000:])
+            assert rows[stage]["miou"] > base[split]["all_background"], (stage, rows[stage], base[split])
+        cfg = default_config("toy", name, os.path.relpath(data, ROOT), "tiny")
+        for step in build_steps(cfg):
+            assert not step.missing_outputs(ROOT), step.name
+        assert (exp / "report.md").is_file() and (exp / "report" / "stages.png").is_file()
+        print(f"tiny toy pipeline: {elapsed:.1f} s")
+        # rerun: everything skipped, same table
+        r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r2.returncode == 0 and "[skip]" in r2.stdout
+        summary2 = json.loads((exp / "pipeline" / "summary.json").read_text())
+        assert summary2["rows"] == summary["rows"]
+    finally:
+        import shutil
+        shutil.rmtree(exp, ignore_errors=True)
