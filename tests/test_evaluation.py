@@ -1,0 +1,189 @@
+"""evaluation.py / models.seed_eval: the reference CAM-seed sweep (eval_cam fixture through the CLI),
+the one-pass sweep against a per-threshold brute force, the single-pass tasks and clear errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_path
+from models import seed_eval
+from models.seed_eval import (REFERENCE_THRESHOLDS, SweepResult, cam_counts_for_image, evaluate,
+                              sweep_confusions, thresholds_f32)
+from tools.imutils import write_label_png
+from tools.metrics import confusion_matrix
+
+import evaluation
+
+
+def _eval_fixture():
+    npz = np.load(shared_path("reference", "stage1", "eval_cam.npz"))
+    js = json.loads(shared_path("reference", "stage1", "eval_cam.json").read_text())
+    return npz, js
+
+
+def _cam_dict(npz, n):
+    return {int(k): npz[f"cam{n}_c{k}"] for k in npz[f"keys{n}"]}
+
+
+def _write_fixture_tree(root: Path, npz) -> list[str]:
+    names = [str(n) for n in npz["names"]]
+    seg = root / "data" / "VOC2012" / "ImageSets" / "Segmentation"
+    seg.mkdir(parents=True)
+    (seg / "train.txt").write_text("\n".join(names) + "\n")
+    (root / "experiments" / "fx" / "dict").mkdir(parents=True)
+    for i, n in enumerate(names):
+        write_label_png(root / "data" / "VOC2012" / "SegmentationClass" / f"{n}.png", npz[f"gt{i}"])
+        np.save(root / "experiments" / "fx" / "dict" / f"{n}.npy", _cam_dict(npz, i))
+    return names
+
+
+def _brute_hist(cam_dict, gt, t):
+    """The reference prediction: argmax over [float32 threshold, cam_0..cam_19] (first index wins)."""
+    stack = np.zeros((21,) + gt.shape, np.float32)
+    stack[0] = np.float32(t)
+    for k, v in cam_dict.items():
+        stack[k + 1] = v
+    return confusion_matrix(stack.argmax(0), gt)
+
+
+def test_eval_cam_cli_matches_reference(tmp_path, monkeypatch, capsys):
+    npz, js = _eval_fixture()
+    _write_fixture_tree(tmp_path, npz)
+    monkeypatch.chdir(tmp_path)
+    rc = evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--workers", "2", "--no_progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    ref = js["all_six"]["cli_stdout"]
+    assert out.startswith(ref), out
+    extra = out[len(ref):].splitlines()
+    assert extra[0] == "best threshold: 0.220\tmIoU: 36.927%"
+    assert extra[1].startswith(" background: 83.754%\t  aeroplane: 85.047%")
+    assert extra[-1] == "       mIoU: 36.927%"
+    summary = json.loads((tmp_path / "experiments" / "fx" / "eval_cam.json").read_text())
+    assert summary["best_th"] == pytest.approx(float(npz["best_th"]), abs=1e-12)
+    assert abs(summary["best_miou"] - float(npz["best_miou"])) < 1e-9
+    np.testing.assert_allclose(summary["miou"], npz["miou"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(summary["iou"], npz["iou"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(summary["iou_at_best"], js["all_six"]["iou_at_best"], rtol=0, atol=1e-9)
+    assert (tmp_path / "experiments" / "fx" / "eval_cam.png").stat().st_size > 1000
+
+
+def test_sweep_per_case_and_eval_in_script():
+    npz, js = _eval_fixture()
+    th32 = thresholds_f32(REFERENCE_THRESHOLDS)
+    total = 0
+    for n in range(6):
+        counts = cam_counts_for_image(_cam_dict(npz, n), npz[f"gt{n}"], th32)
+        total = total + counts
+        res = SweepResult("cam", [str(n)], list(REFERENCE_THRESHOLDS), sweep_confusions(counts))
+        np.testing.assert_allclose(res.miou, npz["case_miou"][n], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(res.iou, npz["case_iou"][n], rtol=0, atol=1e-9)
+        assert res.best_th == pytest.approx(float(npz["case_best_th"][n]))
+        assert abs(res.best_miou - float(npz["case_best_miou"][n])) < 1e-9
+    res = SweepResult("cam", list(npz["names"]), list(REFERENCE_THRESHOLDS), sweep_confusions(total))
+    assert res.sweep_lines() == js["all_six"]["logged_lines"]
+
+
+def test_eval_in_script_logs_and_returns_best(tmp_path):
+    npz, js = _eval_fixture()
+    names = _write_fixture_tree(tmp_path, npz)
+    lines = []
+    best, th = seed_eval.eval_in_script(names, tmp_path / "experiments" / "fx" / "dict",
+                                        tmp_path / "data" / "VOC2012" / "SegmentationClass", logger=lines.append,
+                                        workers=1)
+    assert lines == js["all_six"]["logged_lines"]
+    assert abs(best - float(npz["best_miou"])) < 1e-9 and th == pytest.approx(0.22)
+
+
+@pytest.mark.parametrize("thresholds", [REFERENCE_THRESHOLDS, (-0.05, 0.0, 0.3, 0.5)])
+def test_one_pass_sweep_equals_per_threshold_argmax(thresholds):
+    rng = np.random.default_rng(0)
+    h, w = 23, 31
+    gt = rng.integers(0, 21, (h, w)).astype(np.uint8)
+    gt[rng.random((h, w)) < 0.1] = 255
+    # unordered keys, CAMs quantised to 0.01 (exact float32 ties with thresholds) and a cross-class tie
+    cam = {12: np.round(rng.random((h, w)), 2).astype(np.float32),
+           3: np.round(rng.random((h, w)), 2).astype(np.float32),
+           7: (rng.random((h, w)) - 0.5).astype(np.float32)}
+    cam[12][0, :5] = cam[3][0, :5] = 0.5
+    th32 = thresholds_f32(thresholds)
+    hists = sweep_confusions(cam_counts_for_image(cam, gt, th32))
+    for i, t in enumerate(th32):
+        np.testing.assert_array_equal(hists[i], _brute_hist(cam, gt, t))
+    # an empty dict predicts background everywhere
+    empty = sweep_confusions(cam_counts_for_image({}, gt, th32))
+    for i, t in enumerate(th32):
+        np.testing.assert_array_equal(empty[i], _brute_hist({}, gt, t))
+
+
+def test_single_pass_tasks_crf_and_png(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(1)
+    ids = [f"img_{i}" for i in range(5)]  # ids of any length
+    gt_dir, crf_dir, png_dir = tmp_path / "gt", tmp_path / "experiments" / "e" / "crf", tmp_path / "sem_seg"
+    hist_ref = np.zeros((21, 21), np.int64)
+    for i in ids:
+        h, w = rng.integers(10, 30, 2)
+        gt = rng.integers(0, 21, (h, w)).astype(np.uint8)
+        gt[0] = 255
+        write_label_png(gt_dir / f"{i}.png", gt)
+        d = {0: rng.random((h, w)).astype(np.float32), 5: rng.random((h, w)).astype(np.float32),
+             15: rng.random((h, w)).astype(np.float32)}
+        crf_dir.mkdir(parents=True, exist_ok=True)
+        np.save(crf_dir / f"{i}.npy", d)
+        stack = np.zeros((21, h, w), np.float32)
+        for k, v in d.items():
+            stack[k] = v
+        pred = stack.argmax(0).astype(np.uint8)
+        write_label_png(png_dir / f"{i}.png", pred)
+        hist_ref += confusion_matrix(pred, gt)
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(ids) + "\n")
+    monkeypatch.chdir(tmp_path)
+    common = ["--name", "e", "--list", str(lst), "--gt_dir", str(gt_dir), "--workers", "2", "--no_progress"]
+    assert evaluation.main(["--task", "crf", "--dict_dir", "crf"] + common) == 0
+    out_crf = capsys.readouterr().out
+    assert evaluation.main(["--task", "png", "--pred_dir", str(png_dir)] + common) == 0
+    out_png = capsys.readouterr().out
+    ref = SweepResult("png", ids, [], hist_ref[None])
+    assert ref.table() in out_crf and ref.table() in out_png
+    lines = out_png.splitlines()
+    assert lines[0] == f"Evaluate {png_dir} with {lst}"
+    assert lines[-2] == "=" * 54 and lines[-1].startswith("       mIoU:")
+    summary = json.loads((tmp_path / "experiments" / "e" / "eval_png.json").read_text())
+    assert summary["thresholds"] == [] and abs(summary["best_miou"] - ref.best_miou) < 1e-12
+    assert summary["confusion_at_best"] == hist_ref.tolist()
+
+
+def test_parallel_equals_serial(tmp_path):
+    npz, _ = _eval_fixture()
+    names = _write_fixture_tree(tmp_path, npz)
+    d, g = tmp_path / "experiments" / "fx" / "dict", tmp_path / "data" / "VOC2012" / "SegmentationClass"
+    a = evaluate("cam", names * 3, d, g, workers=1, progress=False)
+    b = evaluate("cam", names * 3, d, g, workers=2, progress=False)
+    np.testing.assert_array_equal(a.hists, b.hists)
+
+
+def test_clear_errors(tmp_path, monkeypatch, capsys):
+    npz, _ = _eval_fixture()
+    names = _write_fixture_tree(tmp_path, npz)
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "experiments" / "fx" / "dict" / f"{names[2]}.npy"
+    missing.unlink()
+    assert evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert "prediction dictionary not found" in err and f"{names[2]}.npy" in err and "infer.py" in err
+    # a dictionary of the wrong size names the file and both sizes
+    np.save(missing, {3: np.zeros((5, 5), np.float32)})
+    assert evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--workers", "1",
+                            "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{names[2]}.npy" in err and "(5, 5)" in err
+    # a missing list names the path it looked for
+    assert evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--list", "val"]) == 1
+    assert "ImageSets/Segmentation/val.txt" in capsys.readouterr().err
+    # a missing prediction folder
+    assert evaluation.main(["--name", "nope", "--task", "cam", "--dict_dir", "dict"]) == 1
+    assert "experiments/nope/dict" in capsys.readouterr().err
