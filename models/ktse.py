@@ -126,29 +126,38 @@ def refine_cams_with_bkg_v2(par: PAR, images: torch.Tensor, cams: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------- losses
-def _ce(pred: torch.Tensor, label: torch.Tensor, ce_log: list | None) -> torch.Tensor:
+def _ce(pred: torch.Tensor, label: torch.Tensor, ce_log: list | None, safe: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over non-ignored pixels; NaN when all are ignored (faithful) unless ``safe``
+    (then 0 with a zero gradient, so one bad batch cannot turn every weight into NaN)."""
+    if safe and not bool((label != IGNORE_INDEX).any()):
+        v = pred.sum() * 0.0
+        if ce_log is not None:
+            ce_log.append(v.detach())
+        return v
     v = F.cross_entropy(pred, label, ignore_index=IGNORE_INDEX)
     if ce_log is not None:
         ce_log.append(v.detach())
     return v
 
 
-def get_seg_loss2(pred: torch.Tensor, label: torch.Tensor, ce_log: list | None = None) -> torch.Tensor:
+def get_seg_loss2(pred: torch.Tensor, label: torch.Tensor, ce_log: list | None = None,
+                  safe: bool = False) -> torch.Tensor:
     """Background CE + 0.0125 * foreground CE (stage1.md 4.7). pred (B,C+1,H,W), label (B,H,W) long.
 
-    Cross-entropy over only-ignored pixels is NaN (faithful, no guard).
+    Cross-entropy over only-ignored pixels is NaN (faithful) unless ``safe``.
     """
     bg_label = label.clone()
     bg_label[label != 0] = IGNORE_INDEX
-    bg = _ce(pred, bg_label, ce_log)
+    bg = _ce(pred, bg_label, ce_log, safe)
     fg_label = label.clone()
     fg_label[label == 0] = IGNORE_INDEX
-    fg = _ce(pred, fg_label, ce_log)
+    fg = _ce(pred, fg_label, ce_log, safe)
     return bg + 0.0125 * fg
 
 
 def get_seg_loss(pred: torch.Tensor, label: torch.Tensor, cls_label: torch.Tensor, cam_fg: torch.Tensor,
-                 ce_log: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ce_log: list | None = None, safe: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pseudo-label segmentation loss with the inter-class term (stage1.md 4.7).
 
     Args:
@@ -156,20 +165,21 @@ def get_seg_loss(pred: torch.Tensor, label: torch.Tensor, cls_label: torch.Tenso
         label: (B,H,W) long pseudo label (0, k+1, 255).
         cls_label: (B,C) multi-hot.
         cam_fg: (B,1,H,W) normalised foreground map (fg_full).
+        safe: an all-ignored cross-entropy gives 0 instead of NaN (fix; the reference gives NaN).
     Returns:
         (seg, bg, fg, inter); ``bg`` is the same tensor as ``seg`` (the reference's in-place aliasing,
         so its logged "bg" value is the full loss).
     """
     bg_label = label.clone()
     bg_label[label != 0] = IGNORE_INDEX
-    seg = _ce(pred, bg_label, ce_log)
+    seg = _ce(pred, bg_label, ce_log, safe)
     n_cls = cls_label.sum(dim=1)
     single = n_cls == 1
     multi = n_cls > 1
     if bool(single.any()):
         fg_label = label[single].clone()
         fg_label[fg_label == 0] = IGNORE_INDEX
-        fg = _ce(pred[single], fg_label, ce_log)
+        fg = _ce(pred[single], fg_label, ce_log, safe)
         seg = seg + 0.0125 * fg
     else:
         fg = torch.zeros(1, device=pred.device)
@@ -252,6 +262,8 @@ class KTSEConfig:
     als_cross: float = 1.0
     als_bg: float = 0.1
     num_pair: int = NUM_PAIR
+    #: fix: an all-ignored pseudo-label cross-entropy gives 0, not NaN (reference: NaN)
+    safe_ce: bool = False
     extras: dict = field(default_factory=dict)
 
 
@@ -321,7 +333,7 @@ class KTSEStep(nn.Module):
         p1l, p2l = p1.long(), p2.long()
         # d. self-supervised segmentation on image 1
         s_pred = _up(F.relu(cam_seg), (H, W))
-        seg, _bg, seg_fg, inter = get_seg_loss(s_pred, p1l, y, fg_full, ce_log)
+        seg, _bg, seg_fg, inter = get_seg_loss(s_pred, p1l, y, fg_full, ce_log, cfg.safe_ce)
         # e. simulated inter-image erasing: two images stacked vertically
         n = cfg.num_pair
         x_mix = torch.cat([img[:n], img2[:n]], dim=2)
@@ -334,7 +346,8 @@ class KTSEStep(nn.Module):
         y_mix = torch.maximum(y[:n], y2[:n])
         l_kt = kt_loss(c_mix, cam_two, y_mix)
         # f. segmentation on the stacked pair
-        seg_two = get_seg_loss2(_up(F.relu(cam_seg_two), (2 * H, W)), torch.cat([p1l[:n], p2l[:n]], dim=1), ce_log)
+        seg_two = get_seg_loss2(_up(F.relu(cam_seg_two), (2 * H, W)), torch.cat([p1l[:n], p2l[:n]], dim=1), ce_log,
+                                 cfg.safe_ce)
         # g. global alignment
         l_global = w1 * global_align_loss(cam_m, cam, y)
         total = loss_bce + l_local + seg + l_kt + seg_two + l_global

@@ -50,6 +50,10 @@ def test_get_seg_loss(fx, case: str) -> None:
 def test_get_seg_loss2(fx) -> None:
     assert _rel(float(ktse.get_seg_loss2(_t(fx, "seg2_pred"), _t(fx, "seg2_label"))), fx["seg2_out"]) < 1e-4
     assert np.isnan(float(ktse.get_seg_loss2(_t(fx, "seg2_pred"), _t(fx, "seg2_nobg_label"))))
+    # --safe_ce: the all-ignored background CE contributes 0 (only 0.0125 * fg CE remains)
+    log: list = []
+    safe = ktse.get_seg_loss2(_t(fx, "seg2_pred"), _t(fx, "seg2_nobg_label"), log, safe=True)
+    assert float(log[0]) == 0.0 and float(safe) == pytest.approx(0.0125 * float(log[1]))
 
 
 def test_refine_cams_with_bkg_v2(fx) -> None:
@@ -190,7 +194,8 @@ def test_step_with_als_small_width_all_terms_finite() -> None:
     net = Net_gpp(width=0.0625)
     opt = ktse.build_optimizer(net, 0.01, 5e-4, 10)
     net.train()
-    step = ktse.KTSEStep(net)
+    # random weights: the pseudo label may have no background pixel at all -> safe_ce
+    step = ktse.KTSEStep(net, cfg=ktse.KTSEConfig(safe_ce=True))
     img = torch.randn(4, 3, 32, 32)
     img2 = torch.randn(4, 3, 32, 32)
     y = torch.zeros(4, 20)
