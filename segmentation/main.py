@@ -276,6 +276,40 @@ def evaluate(model: BECO, loader: DataLoader, device: torch.device, num_classes:
     return out
 
 
+def wrap_ddp(model: BECO, device: torch.device, sync_bn: bool = False) -> BECO:
+    """Wrap each network in DDP in place (as the reference: two DDP modules, one optimizer).
+    ``sync_bn`` converts BatchNorm to SyncBatchNorm first (GPU only; the reference leaves it off)."""
+    ids = [device.index] if device.type == "cuda" else None
+    for k in ("network1", "network2"):
+        net = getattr(model, k)
+        if sync_bn:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        setattr(model, k, torch.nn.parallel.DistributedDataParallel(net, device_ids=ids))
+    return model
+
+
+def build_optimizer(model: BECO, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with two parameter groups (network1, network2), same settings for all (§2.6)."""
+    return torch.optim.SGD([{"params": unwrap(model.network1).parameters()},
+                            {"params": unwrap(model.network2).parameters()}],
+                           lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_step(model: BECO, optimizer: torch.optim.Optimizer, img: torch.Tensor, label: torch.Tensor,
+               mask: torch.Tensor, autocast=contextlib.nullcontext, scaler=None) -> dict[str, torch.Tensor]:
+    """One optimisation step on a batch (one backward through both nets, one optimizer step)."""
+    losses = model.train_step(img, label, mask, autocast())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        losses["loss"].backward()
+        optimizer.step()
+    return losses
+
+
 def load_nets(model: BECO, ckpt: dict, path: str) -> None:
     nets = ckpt.get("net_state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(nets, dict) or not any(k in nets for k in ("network1", "network2")):
@@ -341,13 +375,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise WSSSError("--test needs --ckpt <file> (e.g. best_ckpt_752.pth or <logdir>/best_ckpt.pth)")
         return run_test(args, model, device, logdir, autocast, logger)
 
-    if tdist.is_dist() and args.sync_bn:
-        model.network1 = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.network1)
-        model.network2 = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.network2)
     if tdist.is_dist():
-        ids = [device.index] if device.type == "cuda" else None
-        model.network1 = torch.nn.parallel.DistributedDataParallel(model.network1, device_ids=ids)
-        model.network2 = torch.nn.parallel.DistributedDataParallel(model.network2, device_ids=ids)
+        if args.sync_bn and device.type == "cpu":
+            logger.info("--sync_bn: SyncBatchNorm needs GPUs; BatchNorm stays per process on CPU")
+        wrap_ddp(model, device, sync_bn=args.sync_bn and device.type != "cpu")
 
     train_ids = read_id_list(args.train_list)
     train_set = PseudoMaskTrainSet(args.data_root, train_ids, args.sem_seg_dir, args.mask_dir, args.crop_size,
@@ -366,9 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"{args.batch_size} per process x {tdist.get_world_size()} process(es)")
     val_loader = eval_loader(args, device)
     max_iters = args.max_epoch * len(loader)
-    optimizer = torch.optim.SGD([{"params": unwrap(model.network1).parameters()},
-                                 {"params": unwrap(model.network2).parameters()}],
-                                lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
 
     def set_lr(it: int) -> None:
         for g in optimizer.param_groups:
@@ -406,15 +435,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for inner, (img, lab, msk, _) in enumerate(bar):
             set_lr(global_iter)
             img, lab, msk = img.to(device), lab.to(device), msk.to(device)
-            losses = model.train_step(img, lab, msk, autocast())
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(losses["loss"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                losses["loss"].backward()
-                optimizer.step()
+            losses = train_step(model, optimizer, img, lab, msk, autocast, scaler)
             global_iter += 1
             if main_proc:
                 vals = {k: float(v.detach()) for k, v in losses.items()}
