@@ -110,3 +110,20 @@ class TopLeftCropDataset(Dataset):
     def __getitem__(self, idx: int) -> dict:
         img = normalize_imagenet(load_image(self.voc_root, self.ids[idx]))
         return {"name": self.ids[idx], "img": torch.from_numpy(hwc_to_chw(top_left_crop(img, self.crop_size, 0)))}
+
+
+class ImageFlipDataset(Dataset):
+    """make_sem_seg_labels inputs: ``(id, (2,3,H,W) float32 [image, W-flipped image])`` at scale 1.0."""
+
+    def __init__(self, ids: Sequence[str], voc_root: os.PathLike | str) -> None:
+        self.ids = list(ids)
+        self.voc_root = Path(voc_root)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, idx: int) -> tuple[str, np.ndarray]:
+        from voc12.data import msf_inputs
+
+        pair = msf_inputs(load_image(self.voc_root, self.ids[idx]), (1.0,))
+        return self.ids[idx], np.stack(pair)

@@ -67,13 +67,28 @@ def build_cam_network(weights_name: str, width: float | None = None) -> torch.nn
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-    if width is None:
-        w = sd.get("conv1a.weight")
-        width = 1.0 if w is None else float(w.shape[0]) / 64.0
     d = int(sd["fc8.weight"].shape[0]) if "fc8.weight" in sd else 256
+    if width is None:
+        width = _infer_width(sd, d)
     net = Net_gpp(D=d, width=width)
     load_state_dict_checked(net, sd, strict=True, what=f"stage-one checkpoint {path}")
     return net.eval()
+
+
+def _infer_width(sd: dict, d: int) -> float:
+    """The width multiplier whose channel counts fit ``sd`` (tried: conv1a/64, bn7/4096, 1.0)."""
+    from models.resnet38d import scaled_channels
+
+    cands = [1.0]
+    if "conv1a.weight" in sd:
+        cands.insert(0, float(sd["conv1a.weight"].shape[0]) / 64.0)
+    if "bn7.weight" in sd:
+        cands.insert(0, float(sd["bn7.weight"].shape[0]) / 4096.0)
+    for w in cands:
+        if all(k not in sd or int(sd[k].shape[0]) == scaled_channels(c, w)
+               for k, c in (("conv1a.weight", 64), ("b4.conv_branch2a.weight", 512), ("bn7.weight", 4096))):
+            return w
+    return cands[0]  # the strict load below then names the mismatching keys
 
 
 def flip_merged_cam(net: torch.nn.Module, pair: torch.Tensor) -> torch.Tensor:

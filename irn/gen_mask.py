@@ -1,0 +1,40 @@
+"""Confidence masks for BECO (seed command 8: ``cd irn && python gen_mask.py``).
+
+Reads every ``irn/result/score/<id>.pt`` written by run_sample.py's make_sem_seg_labels step and
+writes ``segmentation/data/mask_irn/<id>.png`` (where BECO reads them).  Default paths do
+not depend on the working directory; see ``irn.steps.gen_mask`` for the rule.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from irn import IRN_DIR, REPO_ROOT  # noqa: E402
+from tools.misc import str2bool  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="IRN confidence masks (gen_mask.py)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--score_dir", default=str(IRN_DIR / "result" / "score"))
+    p.add_argument("--mask_out_dir", default=str(REPO_ROOT / "segmentation" / "data" / "mask_irn"))
+    p.add_argument("--thd", type=float, default=0.5, help="fraction of each predicted class kept as confident")
+    p.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from irn.steps.gen_mask import run
+
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

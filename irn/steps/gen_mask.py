@@ -1,0 +1,83 @@
+"""Confidence masks for BECO from the random-walk scores (stage2.md §1.9; reference ``gen_mask.py``).
+
+Per image: margin = top score − second score (second = max after zeroing every entry equal
+to the per-pixel max, as the reference); for each class value k of the prediction, the
+floor(n_k · thd) pixels with the largest margin get mask 1.  Ties at the cut are broken by a
+stable rule (documented deviation): among equal margins, the pixel earlier in raster order
+wins (the reference's unstable ``torch.sort`` leaves this implementation-defined).
+Output: ``<mask_out_dir>/<id>.png`` as an RGB PNG with 0/255 in every channel, exactly what
+the reference's ``torchvision.utils.save_image`` wrote (BECO reads it with ``.convert('1')``).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tools.checkpoint import load_torch_file
+from tools.io import save_png
+
+
+def confidence_mask(score: np.ndarray | torch.Tensor, pred: np.ndarray, thd: float = 0.5) -> np.ndarray:
+    """score (C+1,H,W) float32, pred (H,W) int → mask (H,W) uint8 in {0,1}."""
+    s = score.detach().cpu().numpy() if isinstance(score, torch.Tensor) else np.asarray(score)
+    s = s.astype(np.float32, copy=False)
+    top = s.max(axis=0)
+    second = np.where(s == top[None], np.float32(0), s).max(axis=0)
+    margin = (top - second).reshape(-1)
+    pred = np.asarray(pred).reshape(-1)
+    mask = np.zeros(pred.shape, np.uint8)
+    for k in np.unique(pred):
+        idx = np.flatnonzero(pred == k)  # raster order
+        n_keep = int(idx.size * thd)
+        if n_keep == 0:
+            continue
+        order = np.argsort(-margin[idx], kind="stable")  # descending margin, ties → earlier pixel
+        mask[idx[order[:n_keep]]] = 1
+    return mask.reshape(s.shape[1:])
+
+
+def mask_png(mask: np.ndarray) -> np.ndarray:
+    """(H,W) {0,1} → (H,W,3) uint8 0/255 (torchvision ``save_image`` of a single-channel mask)."""
+    v = (mask.astype(np.uint8) * 255)
+    return np.repeat(v[:, :, None], 3, axis=2)
+
+
+def load_score(path: Path) -> dict:
+    """Read ``score/<id>.pt`` (ours, or a reference CUDA-pickled one, mapped to CPU)."""
+    d = load_torch_file(path, what="random-walk score file", hint="run make_sem_seg_labels (run_sample.py) first")
+    return d
+
+
+def _one(job: tuple[str, str, float]) -> str:
+    score_path, out_dir, thd = job
+    d = load_score(Path(score_path))
+    mask = confidence_mask(d["score"], np.asarray(d["pred"]), thd)
+    save_png(Path(out_dir) / (Path(score_path).stem + ".png"), mask_png(mask))
+    return score_path
+
+
+def run(args: Any) -> None:
+    score_dir, out_dir = Path(args.score_dir), Path(args.mask_out_dir)
+    files = sorted(score_dir.glob("*.pt")) if score_dir.is_dir() else []
+    if not files:
+        from tools.errors import MissingFileError
+
+        raise MissingFileError(f"no score files (*.pt) in '{score_dir}'; run `python run_sample.py` first "
+                               f"(make_sem_seg_labels writes them) or pass --score_dir")
+    todo = files if args.overwrite else [f for f in files if not (out_dir / (f.stem + ".png")).exists()]
+    print(f"gen_mask: {len(todo)} of {len(files)} masks to do -> {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(f), str(out_dir), float(args.thd)) for f in todo]
+    workers = max(1, min(int(args.num_workers), len(jobs)))
+    if workers == 1:
+        for j in tqdm(jobs, desc="gen_mask"):
+            _one(j)
+        return
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for _ in tqdm(pool.imap_unordered(_one, jobs, chunksize=4), total=len(jobs), desc="gen_mask"):
+            pass
