@@ -376,6 +376,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         run(args)
     except KeyboardInterrupt:
@@ -385,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     except WSSSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(threads)  # --threads must not leak when main() is called in-process
     return 0
 
 
