@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="IRN confidence masks (gen_mask.py)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--score_dir", default=str(IRN_DIR / "result" / "score"))
-    p.add_argument("--mask_out_dir", default=str(REPO_ROOT / "segmentation" / "data" / "mask_irn"))
+    p.add_argument("--mask_out_dir", "--mask_dir", dest="mask_out_dir", default=str(REPO_ROOT / "segmentation" / "data" / "mask_irn"))
     p.add_argument("--thd", type=float, default=0.5, help="fraction of each predicted class kept as confident")
     p.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False)

@@ -91,13 +91,13 @@ def propagate_to_edge(cams: torch.Tensor, edge: torch.Tensor, radius: int = 5, b
     a = sparse_affinity(edge.detach().cpu(), radius)
     a.data **= beta
     inv_colsum = 1.0 / np.asarray(a.sum(axis=0)).reshape(-1)
-    # A^β is symmetric, so x @ T = ((A^β @ xᵀ)ᵀ) * inv_colsum; keep v = xᵀ as (hw, C)
+    # A^β is symmetric, so x @ T = (Tᵀ xᵀ)ᵀ with Tᵀ = diag(1/colsum) · A^β: iterate v ← Tᵀ v, v = xᵀ (hw, C)
+    t_t = (sp.diags(inv_colsum) @ a).tocsr()
     cams64 = cams.detach().cpu().to(torch.float64).reshape(c, h * w)
     edge64 = edge.detach().cpu().to(torch.float64).reshape(1, h * w)
     v = np.ascontiguousarray((cams64 * (1 - edge64)).numpy().T)
     for _ in range(2 ** int(exp_times)):
-        v = a @ v
-        v *= inv_colsum[:, None]
+        v = t_t @ v
     return torch.from_numpy(np.ascontiguousarray(v.T)).view(c, 1, h, w).to(cams.device)
 
 

@@ -1,0 +1,114 @@
+"""Benchmark: IRN random walk (make_sem_seg_labels §1.7) seconds per image.
+
+VOC-size image (default 500×375 → 94×125 stride-4 grid, 11,750 pixels), 3 classes, beta 10,
+exp_times 8 (T^256), synthetic smooth edge map and CAMs.  Modes:
+* ``sparse`` — this project's CPU path (sparse iteration, float64), timed at VOC size;
+* ``dense``  — the reference formulation (float32 dense matrix squaring).  At VOC size the dense
+  matrix is 11,750² (552 MB) and each of the 8 squarings costs 3.2 TFLOP, so on CPU it is timed
+  at a smaller size (``--dense_size``) plus ONE squaring at VOC size (``--dense_voc_one_square``)
+  from which the full cost is extrapolated (×8 + the final product); on CUDA it runs in full.
+Both paths are cross-checked on the small size.  Prints a table and writes
+``bench/results/random_walk.json``.
+
+Usage: python bench/random_walk.py [--size 500 375] [--repeat 3] [--device cpu|cuda] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from irn.random_walk import propagate_to_edge  # noqa: E402
+from tools.io import atomic_write_json  # noqa: E402
+
+
+def synthetic_inputs(width: int, height: int, n_cls: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth random CAMs (C,h,w) max-normalised and a boundary map (1,h,w) in (0,1)."""
+    h, w = (height - 1) // 4 + 1, (width - 1) // 4 + 1
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, n_cls + 1, max(2, h // 8), max(2, w // 8), generator=g)
+    field = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
+    cams = field[:n_cls]
+    cams = cams / cams.flatten(1).max(1).values[:, None, None]
+    gy, gx = torch.gradient(field[n_cls])
+    edge = torch.sigmoid(40 * (gy.abs() + gx.abs()) - 3)[None]
+    return cams.float().contiguous(), edge.float().contiguous()
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
+    ap.add_argument("--dense_size", type=int, nargs=2, default=(200, 150), metavar=("W", "H"))
+    ap.add_argument("--classes", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dense_voc_one_square", action="store_true",
+                    help="also time one dense squaring at --size on CPU (minutes on 2 cores)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    rows = []
+
+    def record(mode: str, size, secs: float, note: str = "") -> None:
+        rows.append({"mode": mode, "device": dev.type, "image_wh": list(size), "classes": a.classes,
+                     "seconds_per_image": round(secs, 4), "note": note})
+
+    cams, edge = synthetic_inputs(*a.size, n_cls=a.classes)
+    t, rw_sparse = timed(lambda: propagate_to_edge(cams, edge, mode="sparse"), a.repeat)
+    record("sparse (float64)", a.size, t)
+    # cross-check on the small size, where dense is cheap on CPU
+    cs, es = synthetic_inputs(*a.dense_size, n_cls=a.classes)
+    ts, rs = timed(lambda: propagate_to_edge(cs, es, mode="sparse"), a.repeat)
+    td, rd = timed(lambda: propagate_to_edge(cs.to(dev), es.to(dev), mode="dense"), 1)
+    rel = float((rd.double().cpu() - rs).abs().max() / rs.abs().max())
+    record("sparse (float64)", a.dense_size, ts)
+    record("dense (float32, reference)", a.dense_size, td, f"max rel diff vs sparse {rel:.2e}")
+    if dev.type == "cuda":
+        cams_d, edge_d = cams.to(dev), edge.to(dev)
+        t, rw = timed(lambda: propagate_to_edge(cams_d, edge_d, mode="dense"), a.repeat)
+        rel = float((rw.double().cpu() - rw_sparse).abs().max() / rw_sparse.abs().max())
+        record("dense (float32, reference)", a.size, t, f"max rel diff vs sparse {rel:.2e}")
+    elif a.dense_voc_one_square:
+        n = cams.shape[1] * cams.shape[2]
+        m = torch.rand(n, n)
+        t0 = time.perf_counter()
+        torch.matmul(m, m)
+        one = time.perf_counter() - t0
+        record("dense (float32, reference)", a.size, 8 * one, f"extrapolated: 8 x one {n}x{n} squaring ({one:.1f}s)")
+
+    print(f"random walk, beta 10, exp_times 8, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{platform.processor() or platform.machine()}")
+    print(f"{'mode':<28} {'device':<6} {'image':<9} {'s/image':>9}  note")
+    for r in rows:
+        print(f"{r['mode']:<28} {r['device']:<6} {r['image_wh'][0]}x{r['image_wh'][1]:<5} "
+              f"{r['seconds_per_image']:>9.3f}  {r['note']}")
+    atomic_write_json(ROOT / "bench" / "results" / "random_walk.json",
+                      {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
