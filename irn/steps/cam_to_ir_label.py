@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from irn.steps.common import load_cam_dict, pending
+from irn.steps.common import mp_start_method as _mp_start
 from tools.crf import dense_crf_labels
 from tools.io import save_png
 from voc12.data import load_image, read_id_list
@@ -73,7 +74,7 @@ def run(args: Any) -> None:
             _one(j)
         return
     # CRF is single-threaded C++: one process per CPU worker
-    with mp.get_context("spawn").Pool(workers) as pool:
+    with mp.get_context(_mp_start()).Pool(workers) as pool:
         for _ in tqdm(pool.imap_unordered(_one, jobs, chunksize=1), total=len(jobs), desc="cam_to_ir_label",
                       disable=args.quiet):
             pass

@@ -73,3 +73,11 @@ def run_split(fn: Callable[[list[str], Any, torch.device, int], None], ids: Sequ
         mp.spawn(_spawn_entry, nprocs=min(len(gpus), len(ids)), args=(fn, gpus[:len(ids)], ids, args), join=True)
     else:
         fn(ids, args, torch.device("cuda", gpus[0]) if gpus else device, 0)
+
+
+def mp_start_method() -> str:
+    """``fork`` where available (workers start instantly and inherit imports, as DataLoader does;
+    they run numpy/CRF code only), else ``spawn``."""
+    import multiprocessing as mp
+
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from irn.steps.common import mp_start_method as _mp_start
 from tools.checkpoint import load_torch_file
 from tools.io import save_png
 
@@ -78,6 +79,6 @@ def run(args: Any) -> None:
         for j in tqdm(jobs, desc="gen_mask"):
             _one(j)
         return
-    with mp.get_context("spawn").Pool(workers) as pool:
+    with mp.get_context(_mp_start()).Pool(workers) as pool:
         for _ in tqdm(pool.imap_unordered(_one, jobs, chunksize=4), total=len(jobs), desc="gen_mask"):
             pass
