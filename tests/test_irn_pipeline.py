@@ -8,10 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("pydensecrf")
-
-from irn import gen_mask, run_sample  # noqa: E402
-from voc12.data import read_id_list  # noqa: E402
+from irn import gen_mask, run_sample
+from voc12.data import read_id_list
 
 
 def _args(root: Path, out: Path, ckpt: Path, train_list: Path, *extra: str) -> list[str]:
@@ -45,6 +43,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def test_run_sample_and_gen_mask_toy(toy_voc, ckpt, tmp_path, capsys):
+    pytest.importorskip("pydensecrf")
     out = tmp_path / "irn"
     train_list = toy_voc / "lists" / "train_aug.txt"
     assert run_sample.main(_args(toy_voc, out, ckpt, train_list, "--eval_cam_pass", "true",
@@ -90,6 +89,7 @@ def test_run_sample_and_gen_mask_toy(toy_voc, ckpt, tmp_path, capsys):
 
 
 def test_run_sample_one_image(toy_voc, ckpt, tmp_path):
+    pytest.importorskip("pydensecrf")
     one = tmp_path / "one.txt"
     one.write_text(read_id_list(toy_voc / "lists" / "train.txt")[0] + "\n")
     out = tmp_path / "irn1"
