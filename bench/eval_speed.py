@@ -1,0 +1,175 @@
+"""Evaluation speed: the CAM-seed threshold sweep versus merely loading its inputs.
+
+Synthesises a VOC-sized set (default 1,464 images, VOC-like sizes, 2 classes each: palette GT PNGs with
+255 borders and 2-key CAM dictionaries), then times with the same worker processes:
+
+* ``load``: read every dictionary and GT PNG (np.load + PIL), nothing else;
+* ``sweep``: ``models.seed_eval.evaluate('cam', ...)`` -- all 20 thresholds;
+* ``reference-style``: the reference's way (per threshold a 21-channel argmax and 21x3 masked sums),
+  timed on a subset and scaled, for context.
+
+Target: sweep / load <= 1.5. Writes ``bench/results/eval_speed.json``.
+
+    python bench/eval_speed.py [--n 1464] [--workers 2] [--cache /tmp/ktse_eval_bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import seed_eval  # noqa: E402
+from models.seed_eval import REFERENCE_THRESHOLDS, evaluate, load_dict  # noqa: E402
+from tools.imutils import read_label_png, write_label_png  # noqa: E402
+from tools.io import atomic_write_json  # noqa: E402
+
+VOC_SIZES = [(375, 500), (500, 375), (333, 500), (500, 333), (366, 500), (281, 500), (400, 500)]
+
+
+def synthesise(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """Write ``n`` (GT, dict) pairs; skipped when the folder already holds them."""
+    ids = [f"2099_{i:06d}" for i in range(n)]
+    gt_dir, dict_dir = folder / "gt", folder / "dict"
+    marker = folder / f"done_{n}_{seed}"
+    if marker.exists():
+        return ids
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    dict_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for j, img_id in enumerate(ids):
+        h, w = VOC_SIZES[rng.integers(len(VOC_SIZES))]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        gt = np.zeros((h, w), np.uint8)
+        classes = rng.choice(20, 2, replace=False)
+        cams = {}
+        for c in sorted(int(c) for c in classes):
+            cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+            ry, rx = rng.uniform(0.1, 0.3) * h, rng.uniform(0.1, 0.3) * w
+            d2 = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+            gt[d2 <= 1] = c + 1
+            gt[(d2 > 0.9) & (d2 <= 1.1)] = 255  # VOC-like ignore border
+            cam = np.exp(-0.5 * d2 / rng.uniform(0.5, 1.5)) + rng.normal(0, 0.05, (h, w))
+            cam = np.clip(cam, 0, None)
+            cams[c] = (cam / (cam.max() + 1e-5)).astype(np.float32)
+        write_label_png(gt_dir / f"{img_id}.png", gt)
+        np.save(dict_dir / f"{img_id}.npy", cams)
+        if j % 200 == 0:
+            print(f"  synthesised {j}/{n} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    marker.write_text("ok\n")
+    return ids
+
+
+def _load_only(args: tuple[str, str, list[str]]) -> int:
+    dict_dir, gt_dir, ids = args
+    px = 0
+    for i in ids:
+        d = load_dict(Path(dict_dir) / f"{i}.npy")
+        g = read_label_png(Path(gt_dir) / f"{i}.png")
+        px += g.size + sum(v.size for v in d.values())
+    return px
+
+
+def time_load(ids: list[str], dict_dir: Path, gt_dir: Path, workers: int) -> float:
+    """Same chunking and pool as seed_eval.accumulate, but only reading."""
+    workers = max(1, min(workers, max(1, len(ids) // 4)))
+    chunks = seed_eval._chunks(ids, max(1, min(16, -(-len(ids) // workers))))
+    t0 = time.perf_counter()
+    if workers == 1:
+        for c in chunks:
+            _load_only((str(dict_dir), str(gt_dir), c))
+    else:
+        with seed_eval._pool_context().Pool(workers) as pool:
+            for _ in pool.imap(_load_only, [(str(dict_dir), str(gt_dir), c) for c in chunks]):
+                pass
+    return time.perf_counter() - t0
+
+
+def time_sweep(ids: list[str], dict_dir: Path, gt_dir: Path, workers: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    res = evaluate("cam", ids, dict_dir, gt_dir, REFERENCE_THRESHOLDS, workers, progress=False)
+    return time.perf_counter() - t0, res.best_miou
+
+
+def reference_style_per_image(ids: list[str], dict_dir: Path, gt_dir: Path) -> float:
+    """Seconds per image of the reference's loop (one process): per threshold a float32 21-channel argmax
+    and, per class, three masked sums (P, T, TP)."""
+    t0 = time.perf_counter()
+    for i in ids:
+        d = load_dict(dict_dir / f"{i}.npy")
+        gt = read_label_png(gt_dir / f"{i}.png")
+        for t in REFERENCE_THRESHOLDS:
+            stack = np.zeros((21,) + gt.shape, np.float32)
+            stack[0] = t
+            for k, v in d.items():
+                stack[k + 1] = v
+            pred = stack.argmax(0)
+            cal = gt < 255
+            mask = (pred == gt) * cal
+            for c in range(21):
+                np.sum((pred == c) * cal), np.sum((gt == c) * cal), np.sum((gt == c) * mask)
+    return (time.perf_counter() - t0) / len(ids)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1464)
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ref_subset", type=int, default=20, help="images timed with the reference-style loop")
+    ap.add_argument("--cache", default="/tmp/ktse_eval_bench")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval_speed.json"))
+    a = ap.parse_args()
+
+    folder = Path(a.cache)
+    ids = synthesise(folder, a.n)
+    dict_dir, gt_dir = folder / "dict", folder / "gt"
+    time_load(ids, dict_dir, gt_dir, a.workers)  # warm the page cache
+    loads, sweeps, miou = [], [], None
+    for _ in range(a.repeats):  # alternate so both see the same machine load
+        loads.append(time_load(ids, dict_dir, gt_dir, a.workers))
+        s, miou = time_sweep(ids, dict_dir, gt_dir, a.workers)
+        sweeps.append(s)
+    ref_per_img = reference_style_per_image(ids[: a.ref_subset], dict_dir, gt_dir)
+    load_s, sweep_s = statistics.median(loads), statistics.median(sweeps)
+    result = {
+        "images": len(ids),
+        "classes_per_image": 2,
+        "sizes": "VOC-like (281..500 x 500)",
+        "workers": a.workers,
+        "repeats": a.repeats,
+        "load_s_median": load_s,
+        "sweep_s_median": sweep_s,
+        "load_s_all": loads,
+        "sweep_s_all": sweeps,
+        "ratio_sweep_over_load": sweep_s / load_s,
+        "target_ratio": 1.5,
+        "reference_style_s_per_image_1proc": ref_per_img,
+        "reference_style_est_s_1proc": ref_per_img * len(ids),
+        "best_miou": miou,
+        "machine": f"{platform.node()} {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    print(f"{'measure':34s} {'seconds':>9s}")
+    print(f"{'load only (median)':34s} {load_s:9.2f}")
+    print(f"{'20-threshold sweep (median)':34s} {sweep_s:9.2f}")
+    print(f"{'ratio sweep / load':34s} {sweep_s / load_s:9.2f}   (target <= 1.5)")
+    print(f"{'reference-style loop, est. 1 proc':34s} {ref_per_img * len(ids):9.1f}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(a.out, result)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
