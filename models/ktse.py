@@ -112,12 +112,13 @@ def refine_cams_with_bkg_v2(par: PAR, images: torch.Tensor, cams: torch.Tensor, 
     par_outs = []
     for i in range(b):
         keys = torch.nonzero(keys_all[i])[:, 0]
-        for j, stack in enumerate(stacks):
-            probs = stack[i, keys].unsqueeze(0).softmax(dim=1)
-            refined = par(small[i:i + 1], probs)
-            par_outs.append(refined)
-            refined = _up(refined, (h, w))
-            labels[j][i] = keys[refined.argmax(dim=1)[0]].float()
+        # both background levels share the image and the keys: one PAR call on a batch of 2
+        probs = torch.stack([stack[i, keys] for stack in stacks]).softmax(dim=1)
+        refined = par(small[i:i + 1].expand(len(stacks), -1, -1, -1), probs)
+        par_outs.extend(refined[j:j + 1] for j in range(len(stacks)))
+        idx = _up(refined, (h, w)).argmax(dim=1)
+        for j in range(len(stacks)):
+            labels[j][i] = keys[idx[j]].float()
     label_h, label_l = labels
     out = label_h.clone()
     out[label_h == 0] = IGNORE_INDEX

@@ -48,18 +48,41 @@ class PAR(nn.Module):
         # Buffers are not persistent: PAR has no checkpoint and the reference module has none.
         self.register_buffer("kernel", neighbour_kernel(), persistent=False)
         self.register_buffer("pos", self._pos(), persistent=False)
+        self._index_cache: dict[tuple, torch.Tensor] = {}
 
     def _pos(self) -> torch.Tensor:
         base = torch.tensor([math.sqrt(2) if dy and dx else 1.0 for dy, dx in _OFFSETS], dtype=torch.float32)
         return torch.cat([base * d for d in self.dilations]).reshape(1, 1, -1, 1, 1)
 
+    def _gather_index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """Flat source index (8*len(dilations)*h*w,) of every neighbour, edges clamped (= replicate padding)."""
+        key = (h, w, str(device))
+        idx = self._index_cache.get(key)
+        if idx is None:
+            rows = torch.arange(h, device=device)
+            cols = torch.arange(w, device=device)
+            parts = []
+            for d in self.dilations:
+                for dy, dx in _OFFSETS:
+                    r = (rows + dy * d).clamp(0, h - 1)
+                    c = (cols + dx * d).clamp(0, w - 1)
+                    parts.append((r[:, None] * w + c[None, :]).reshape(-1))
+            idx = torch.cat(parts)
+            self._index_cache[key] = idx
+        return idx
+
     def neighbours(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,c,h,w) -> (B,c,8*len(dilations),h,w): dilated neighbours, replicate padding."""
+        """(B,c,h,w) -> (B,c,8*len(dilations),h,w): dilated neighbours, replicate padding.
+
+        The reference convolves with the one-hot ``kernel`` per dilation on a replicate-padded copy;
+        gathering the same pixels with edge-clamped indices gives bit-identical values
+        (x*1 + sum of 0*x) in one indexing op, much faster on CPU.
+        """
         b, c, h, w = x.shape
-        flat = x.reshape(b * c, 1, h, w)
-        kernel = self.kernel.to(device=x.device, dtype=x.dtype)
-        out = [F.conv2d(F.pad(flat, [d] * 4, mode="replicate"), kernel, dilation=d) for d in self.dilations]
-        return torch.cat(out, dim=1).reshape(b, c, -1, h, w)
+        idx = self._gather_index(h, w, x.device)
+        flat = x.reshape(b * c, h * w)
+        # gather (not index_select/advanced indexing): several times faster on CPU for this pattern
+        return torch.gather(flat, 1, idx.expand(b * c, -1)).reshape(b, c, -1, h, w)
 
     def forward(self, imgs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         masks = F.interpolate(masks, size=imgs.shape[-2:], mode="bilinear", align_corners=True)
