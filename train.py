@@ -297,6 +297,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     paths = exp_paths(args)
     resuming = args.resume and paths["last"].exists()
+    if str(args.init).lower() != "none" and not resuming:
+        # fail before building the 106M-parameter network
+        from models.mxnet_params import RESNET38_IMAGENET_HINT  # lazy: only needed here
+        from tools.errors import require_file
+
+        if args.width != 1.0:
+            raise DataError(f"--init {args.init} needs the reference width (--width 1); got --width {args.width:g}. "
+                            "Use --init none for small-width toy runs.")
+        require_file(args.init, "ImageNet ResNet-38 weights (MXNet .params)", RESNET38_IMAGENET_HINT)
     if main:
         paths["root"].mkdir(parents=True, exist_ok=True)
         if paths["log"].exists() and not resuming:
