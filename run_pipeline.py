@@ -75,11 +75,11 @@ def build_rows(results: list[StepResult], baselines: dict[str, dict], toy: bool)
                          f"t={cam['best_th']:.2f}" if cam.get("best_th") is not None else ""))
     rows.append(StageRow(STAGE_TITLES["irn"], "pseudo-labels (random walk)", "train", by.get("eval_irn", {}).get("miou"),
                          base("train"), _stage_seconds(results, "irn")))
-    for stage, score, ev in (("beco", "beco_score", "eval_beco"), ("crf", "beco_crf", "eval_beco_crf")):
-        m21 = by.get(ev, {}).get("miou")
+    for stage, step in (("beco", "beco_score"), ("crf", "beco_crf")):
+        m = by.get(step, {})
         rows.append(StageRow(STAGE_TITLES[stage], "val mIoU (test.py" + (" --crf)" if stage == "crf" else ")"), "val",
-                             by.get(score, {}).get("miou"), base("val"), _stage_seconds(results, stage),
-                             f"21-class mean {m21:.2f}%" if m21 is not None else ""))
+                             m.get("miou"), base("val"), _stage_seconds(results, stage),
+                             f"21-class mean {m['miou21']:.2f}%" if m.get("miou21") is not None else ""))
     return rows
 
 
@@ -149,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def beco_pred_title(pred_dir: Path) -> str:
+    """test.py keeps one prediction folder (CRF or not, per its settings.json): say which."""
+    stamp = read_json(pred_dir / "settings.json") or {}
+    return "BECO + CRF" if stamp.get("crf") else "BECO"
+
+
 def report_inputs(cfg, rows: list[StageRow], results: list[StepResult]) -> ReportInputs:
     from voc12.data import read_id_list
 
@@ -164,10 +170,10 @@ def report_inputs(cfg, rows: list[StageRow], results: list[StepResult]) -> Repor
             GridColumn("CAM seed", "cam", REPO_ROOT / p.dict_dir, ".npy"),
             GridColumn("IRN pseudo-label", "label", REPO_ROOT / p.irn_sem_seg),
             GridColumn("IRN mask", "mask", REPO_ROOT / p.irn_mask),
-            GridColumn("BECO", "label", REPO_ROOT / p.beco_dir / "val_pred"),
-            GridColumn("BECO + CRF", "label", REPO_ROOT / p.beco_dir / "val_pred_crf")]
+            GridColumn(beco_pred_title(REPO_ROOT / p.beco_dir / "val_pred"), "label", REPO_ROOT / p.beco_dir / "val_pred")]
     series = {"CAM seeds (train)": REPO_ROOT / p.cam_eval_json, "IRN pseudo-labels (train)": REPO_ROOT / p.irn_eval_json,
-              "BECO (val)": REPO_ROOT / p.beco_eval_json, "BECO + CRF (val)": REPO_ROOT / p.beco_crf_eval_json}
+              "BECO (val)": REPO_ROOT / p.beco_dir / "val_metrics.json",
+              "BECO + CRF (val)": REPO_ROOT / p.beco_dir / "val_metrics_crf.json"}
     notes = []
     if cfg.preset == "toy":
         notes.append("Toy preset: synthetic images, networks trained from scratch at small width; the figures "

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.report import eval_json_miou, parse_miou_line, read_json
+from pipeline.report import confusion_iou, eval_json_miou, parse_miou_line, read_json
 from pipeline.runner import REPO_ROOT, PerIdOutputs, Step
 
 STAGES = ("data", "stage1", "irn", "beco", "crf")
@@ -40,24 +40,26 @@ class ToySize:
     resize: tuple[int, int]
     lr: float
     # IRN
-    irn_crop: int
+    irn_crop: int  # >= 96: the affinity grid (crop/4) must exceed twice the PathIndex radius 10
     irn_batch: int
     irn_epochs: int
+    irn_width: int
     # BECO
     beco_epochs: int
     beco_batch: int
     beco_crop: int
+    beco_width: int  # ResNet base width (64 = standard)
 
 
 TOY_SIZES: dict[str, ToySize] = {
     # the README's demo: <= 10 minutes on 2 CPU cores
     "small": ToySize(n_train=120, n_val=40, max_size=128, width=0.125, epochs=8, T=3, batch_size=16, crop=96,
-                     resize=(96, 144), lr=0.05, irn_crop=96, irn_batch=16, irn_epochs=3,
-                     beco_epochs=8, beco_batch=8, beco_crop=96),
+                     resize=(96, 144), lr=0.05, irn_crop=128, irn_batch=16, irn_epochs=3, irn_width=16,
+                     beco_epochs=8, beco_batch=8, beco_crop=96, beco_width=16),
     # the CI test: <= 3 minutes
     "tiny": ToySize(n_train=24, n_val=8, max_size=80, width=0.0625, epochs=2, T=1, batch_size=8, crop=64,
-                    resize=(64, 96), lr=0.05, irn_crop=64, irn_batch=8, irn_epochs=1,
-                    beco_epochs=2, beco_batch=4, beco_crop=64),
+                    resize=(64, 96), lr=0.05, irn_crop=96, irn_batch=8, irn_epochs=1, irn_width=8,
+                    beco_epochs=3, beco_batch=4, beco_crop=64, beco_width=8),
 }
 
 
@@ -118,16 +120,21 @@ def _eval_metrics(json_path: str):
     return read
 
 
-def _log_miou(json_path: str | None = None):
-    """Figures of a BECO scoring step: its JSON when it writes one, else its printed ``mIoU:`` line."""
+def _json_miou(json_path: str, key: str):
+    """Figures of a BECO step: ``key`` (a fraction) of its JSON, else its last printed mIoU line;
+    plus the 21-class mean (stage-one definition) from the JSON's confusion matrix when present."""
     def read(log: str) -> dict:
-        if json_path:
-            obj = read_json(REPO_ROOT / json_path)
-            m = eval_json_miou(obj)
-            if m is not None:
-                return {"miou": m if m > 1.0 else m * 100.0}
-        m = parse_miou_line(log)
-        return {} if m is None else {"miou": m}
+        obj = read_json(REPO_ROOT / json_path) or {}
+        m = obj.get(key)
+        out = {"miou": float(m) * 100.0} if isinstance(m, (int, float)) else {}
+        if not out:
+            parsed = parse_miou_line(log)
+            if parsed is not None:
+                out["miou"] = parsed
+        iou = confusion_iou(obj)
+        if iou is not None:
+            out["miou21"] = float(sum(iou) / len(iou))
+        return out
     return read
 
 
@@ -150,8 +157,6 @@ class Paths:
     irn_eval_json: str
     beco_log_base: str       # BECO logging base (…/<tag>/ holds checkpoints, logits_msc, val_pred)
     beco_tag: str
-    beco_eval_json: str
-    beco_crf_eval_json: str
 
     @property
     def beco_dir(self) -> str:
@@ -166,14 +171,12 @@ def paths_for(cfg: PipelineConfig) -> Paths:
         return Paths(ckpt=f"{exp}/ckpt/{epo:03d}net_main.pth", load_epo=epo, dict_dir=f"{exp}/dict",
                      cam_eval_json=f"{exp}/eval_cam.json", irn_root=irn, irn_sem_seg=f"{irn}/sem_seg",
                      irn_score=f"{irn}/score", irn_mask=f"{irn}/mask_irn", irn_weights=f"{irn}/res50_irn.pth",
-                     irn_eval_json=f"{exp}/eval_irn.json", beco_log_base=f"{exp}/beco", beco_tag="seg",
-                     beco_eval_json=f"{exp}/eval_beco.json", beco_crf_eval_json=f"{exp}/eval_beco_crf.json")
+                     irn_eval_json=f"{exp}/eval_irn.json", beco_log_base=f"{exp}/beco", beco_tag="seg")
     return Paths(ckpt=f"{exp}/ckpt/031net_main.pth", load_epo=31, dict_dir=f"{exp}/dict",
                  cam_eval_json=f"{exp}/eval_cam.json", irn_root="irn/result", irn_sem_seg="segmentation/data/sem_seg",
                  irn_score="irn/result/score", irn_mask="segmentation/data/mask_irn",
                  irn_weights="irn/sess/res50_irn.pth", irn_eval_json=f"{exp}/eval_irn.json",
-                 beco_log_base="segmentation/data/logging", beco_tag="seg_result",
-                 beco_eval_json=f"{exp}/eval_beco.json", beco_crf_eval_json=f"{exp}/eval_beco_crf.json")
+                 beco_log_base="segmentation/data/logging", beco_tag="seg_result")
 
 
 def build_steps(cfg: PipelineConfig) -> list[Step]:
@@ -235,7 +238,8 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                        "--sem_seg_out_dir", _rel(p.irn_sem_seg, "irn"), "--score_dir", _rel(p.irn_score, "irn"),
                        "--irn_weights_name", _rel(p.irn_weights, "irn"), "--irn_crop_size", str(t.irn_crop),
                        "--irn_batch_size", str(t.irn_batch), "--irn_num_epoches", str(t.irn_epochs),
-                       "--irn_backbone_init", "none", "--num_workers", str(cfg.workers)] + dev
+                       "--irn_backbone_width", str(t.irn_width), "--irn_backbone_init", "none",
+                       "--num_workers", str(cfg.workers), "--log_name", f"{irn}/sample_train_eval"] + dev
     else:
         run_sample += dev
     steps.append(Step("run_sample", "irn", run_sample, cwd="irn",
@@ -252,46 +256,37 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     steps.append(Step("gen_mask", "irn", gen_mask, cwd="irn", outputs=[PerIdOutputs(p.irn_mask, aug_list, ".png")],
                       overwrite_args=["--overwrite"], title="confidence masks"))
 
-    # ---- BECO (run from segmentation/)
+    # ---- BECO (run from segmentation/). main.py trains, then (as the reference) tests the last-epoch
+    # weights, writing logits_msc/ and test_metrics.json; test.py scores those logits without and
+    # with the dense CRF and writes val_metrics[_crf].json (with the confusion matrix).
     seg = "segmentation"
-    main = ["python", "main.py", "--logging_tag", p.beco_tag]
-    common = ["--logging_path_base", _rel(p.beco_log_base, seg)]
+    beco = ["python", "main.py"] + (["-dist", "--amp"] if not toy else []) + ["--logging_tag", p.beco_tag]
     if toy:
-        common += ["--data_root", _rel(cfg.data_root, seg), "--sem_seg_dir", _rel(p.irn_sem_seg, seg),
-                   "--mask_dir", _rel(p.irn_mask, seg), "--train_list", _rel(aug_list, seg),
-                   "--val_list", _rel(val_list, seg), "--backbone", "resnet18", "--pretrained", "none",
-                   "--max_epoch", str(t.beco_epochs), "--batch_size", str(t.beco_batch),
-                   "--crop_size", str(t.beco_crop), "--num_workers", str(cfg.workers)] + dev
-        train_beco = main + common + ["--no_test"]
+        beco += ["--logging_path_base", _rel(p.beco_log_base, seg), "--data_root", _rel(cfg.data_root, seg),
+                 "--sem_seg_dir", _rel(p.irn_sem_seg, seg), "--mask_dir", _rel(p.irn_mask, seg),
+                 "--train_list", _rel(aug_list, seg), "--val_list", _rel(val_list, seg),
+                 "--backbone", "resnet18", "--backbone_width", str(t.beco_width), "--pretrained", "none",
+                 "--warm_up", "1", "--max_epoch", str(t.beco_epochs),
+                 "--batch_size", str(t.beco_batch), "--crop_size", str(t.beco_crop), "--val_size", str(t.max_size),
+                 "--num_workers", str(cfg.workers)] + dev
     else:
-        train_beco = main + ["-dist", "--amp"] + common + ["--no_test"]
-    best = f"{p.beco_dir}/best_ckpt.pth"
-    steps.append(Step("beco_train", "beco", train_beco, cwd=seg, outputs=[best], resume_args=["--resume"],
-                      resume_if=f"{p.beco_dir}/last_ckpt.pth", title="train DeepLabV2 with BECO"))
+        beco += dev
     logits = f"{p.beco_dir}/logits_msc"
-    steps.append(Step("beco_test", "beco", main + ["--test", "--ckpt", _rel(best, seg)] + common, cwd=seg,
-                      outputs=[PerIdOutputs(logits, val_list, ".npy")], metrics=_log_miou(),
-                      title="multi-scale test (logits)"))
-    pred_plain, pred_crf = f"{p.beco_dir}/val_pred", f"{p.beco_dir}/val_pred_crf"
-    test = ["python", "test.py", "--logits_dir", _rel(logits, seg), "--mode", "val", "--n-jobs", str(cfg.workers)]
+    steps.append(Step("beco_train", "beco", beco, cwd=seg,
+                      outputs=[f"{p.beco_dir}/test_metrics.json", PerIdOutputs(logits, val_list, ".npy")],
+                      metrics=_json_miou(f"{p.beco_dir}/test_metrics.json", "miou"),
+                      resume_args=["--resume"], resume_if=f"{p.beco_dir}/ckpt_epoch_*.pth",
+                      title="train DeepLabV2 with BECO, then test (multi-scale logits)"))
+    test = ["python", "test.py", "--logits_dir", _rel(logits, seg), "--mode", "val"]
     if toy:
-        test += ["--data_root", _rel(cfg.data_root, seg), "--val_list", _rel(val_list, seg)]
-    steps.append(Step("beco_score", "beco", test + ["--pred_dir", _rel(pred_plain, seg)], cwd=seg,
-                      outputs=[PerIdOutputs(pred_plain, val_list, ".png")], metrics=_log_miou(),
+        test += ["--n-jobs", str(cfg.workers), "--data_root", _rel(cfg.data_root, seg), "--list", _rel(val_list, seg)]
+    steps.append(Step("beco_score", "beco", test, cwd=seg, outputs=[f"{p.beco_dir}/val_metrics.json"],
+                      metrics=_json_miou(f"{p.beco_dir}/val_metrics.json", "mIoU"), overwrite_args=["--overwrite"],
                       title="score the multi-scale logits (no CRF)"))
-    steps.append(Step("eval_beco", "beco", ["python", "evaluation.py", "--name", cfg.name, "--task", "png",
-                                            "--pred_dir", pred_plain, "--data_root", cfg.data_root, "--list", "val",
-                                            "--workers", str(cfg.workers), "--out_json", p.beco_eval_json],
-                      outputs=[p.beco_eval_json], metrics=_eval_metrics(p.beco_eval_json),
-                      title="per-class IoU of the BECO predictions"))
-    steps.append(Step("beco_crf", "crf", ["python", "test.py", "--crf"] + test[2:] + ["--pred_dir", _rel(pred_crf, seg)],
-                      cwd=seg, outputs=[PerIdOutputs(pred_crf, val_list, ".png")], metrics=_log_miou(),
-                      title="dense CRF on the logits"))
-    steps.append(Step("eval_beco_crf", "crf", ["python", "evaluation.py", "--name", cfg.name, "--task", "png",
-                                               "--pred_dir", pred_crf, "--data_root", cfg.data_root, "--list", "val",
-                                               "--workers", str(cfg.workers), "--out_json", p.beco_crf_eval_json],
-                      outputs=[p.beco_crf_eval_json], metrics=_eval_metrics(p.beco_crf_eval_json),
-                      title="per-class IoU after CRF"))
+    steps.append(Step("beco_crf", "crf", test[:2] + ["--crf"] + test[2:], cwd=seg,
+                      outputs=[f"{p.beco_dir}/val_metrics_crf.json"],
+                      metrics=_json_miou(f"{p.beco_dir}/val_metrics_crf.json", "mIoU"), overwrite_args=["--overwrite"],
+                      title="dense CRF on the logits, score"))
     return steps
 
 

@@ -4,9 +4,8 @@ a grid of example images with CAM seeds, pseudo-labels and predictions).
 
 Everything here reads files the stage CLIs wrote (evaluation.py's ``eval_*.json``, CAM dictionaries,
 label PNGs) and the runner's step records; nothing is recomputed except the trivial baselines, which
-are scored with :mod:`tools.metrics` like every stage.
-
-    python -m pipeline.report --name toy     # rebuild the report of a finished run
+are scored with :mod:`tools.metrics` like every stage. Rerunning ``run_pipeline.py`` on a finished
+run skips every step and rebuilds the table and the report.
 """
 from __future__ import annotations
 
@@ -77,12 +76,25 @@ def eval_json_miou(obj: Mapping | None) -> float | None:
     return float(m) if m is not None else None
 
 
+def confusion_iou(obj: Mapping | None) -> list[float] | None:
+    """Per-class IoU (percent, stage-one formula via :func:`tools.metrics.iou_from_confusion`) from the
+    ``confusion_matrix`` of a summary JSON (BECO's test.py writes one), or None."""
+    if not obj or obj.get("confusion_matrix") is None:
+        return None
+    hist = np.asarray(obj["confusion_matrix"], dtype=np.int64)
+    if hist.shape != (NUM_CLASSES, NUM_CLASSES):
+        return None
+    return [float(v) * 100 for v in iou_from_confusion(hist)]
+
+
 def eval_json_iou(obj: Mapping | None) -> list[float] | None:
     """Per-class IoU (percent, 21 values) at the best threshold / the single pass of an evaluation.py summary."""
     if not obj:
         return None
     if obj.get("iou_at_best") is not None:
         return [float(v) for v in obj["iou_at_best"]]
+    if obj.get("confusion_matrix") is not None:
+        return confusion_iou(obj)
     iou = obj.get("iou")
     if isinstance(iou, list) and iou:
         row = iou[0] if isinstance(iou[0], list) else iou
@@ -422,7 +434,7 @@ def write_report(inp: ReportInputs) -> Path:
                (f" (CAM seeds at the best threshold {th:.2f})" if th is not None else "") + ".", "",
                "![examples](report/examples.png)", ""]
     if inp.commands:
-        md += ["## Commands run", "", "```"] + inp.commands + ["```", ""]
+        md += ["## Commands (the whole chain, as typed; run_pipeline.py skips finished steps)", "", "```"] + inp.commands + ["```", ""]
     if inp.notes:
         md += ["## Notes", ""] + [f"- {n}" for n in inp.notes] + [""]
     out = exp / "report.md"

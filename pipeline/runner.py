@@ -65,15 +65,15 @@ class Step:
     outputs: list = field(default_factory=list)
     metrics: Callable[[str], dict] | None = None
     overwrite_args: list[str] = field(default_factory=list)
-    resume_args: list[str] = field(default_factory=list)  # added when ``resume_if`` exists
-    resume_if: str | None = None
+    resume_args: list[str] = field(default_factory=list)  # added when ``resume_if`` matches a file
+    resume_if: str | None = None  # repo-relative path or glob pattern
     title: str = ""
 
     def command(self, overwrite: bool = False, root: Path = REPO_ROOT) -> list[str]:
         argv = list(self.argv)
         if overwrite:
             argv += self.overwrite_args
-        elif self.resume_if and (root / self.resume_if).exists():
+        elif self.resume_if and any(root.glob(self.resume_if)):
             argv += self.resume_args
         return argv
 

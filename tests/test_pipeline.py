@@ -172,7 +172,7 @@ def test_presets_commands() -> None:
             path = o.folder if isinstance(o, PerIdOutputs) else o
             assert path.startswith((toy.exp_dir, toy.data_root)), (s.name, path)
     assert [s.name for s in select_steps(steps, "irn", "irn")] == ["run_sample", "eval_irn", "gen_mask"]
-    assert [s.name for s in select_steps(steps, "beco_crf", None)] == ["beco_crf", "eval_beco_crf"]
+    assert [s.name for s in select_steps(steps, "beco", None)] == ["beco_train", "beco_score", "beco_crf"]
     with pytest.raises(ValueError, match="unknown stage"):
         select_steps(steps, "nope", None)
     assert set(STAGES) == {s.stage for s in steps}
