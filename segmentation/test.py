@@ -166,7 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             if h is not None:
                 hist += h
     else:
-        with mp.get_context("spawn").Pool(n_jobs, initializer=_init_worker) as pool:
+        # fork: workers start without re-importing torch (the parent has run no torch op yet)
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(n_jobs, initializer=_init_worker) as pool:
             for h in tqdm(pool.imap_unordered(_task, tasks, chunksize=1), total=len(tasks), desc=desc,
                           dynamic_ncols=True):
                 if h is not None:

@@ -269,3 +269,38 @@ def test_train_step_runs_with_strong_aug_and_online_labels():
     out["loss"].backward()
     assert math.isfinite(float(out["loss"])) and nets[0].aspp.c0.weight.grad is not None
     assert nets[0].training and nets[1].training
+
+
+def test_random_resized_crop_matches_torchvision():
+    tv = pytest.importorskip("torchvision")
+    from PIL import Image
+    from segmentation.beco.datasets import random_resized_crop_params
+
+    for (h, w), scale in [((97, 129), (0.5, 0.75)), ((40, 300), (0.5, 0.75)), ((500, 375), (0.08, 1.0))]:
+        img = Image.new("RGB", (w, h))
+        for seed in range(30):
+            torch.manual_seed(seed)
+            ref = tv.transforms.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+            torch.manual_seed(seed)
+            assert random_resized_crop_params(h, w, scale, (3 / 4, 4 / 3)) == tuple(ref)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (61, 83, 3), dtype=np.uint8))
+    from segmentation.beco.datasets import _resized_crop
+    ref = tv.transforms.functional.resized_crop(img, 5, 7, 40, 50, [32, 32], tv.transforms.InterpolationMode.BILINEAR)
+    assert np.array_equal(np.asarray(_resized_crop(img, 5, 7, 40, 50, 32, Image.BILINEAR)), np.asarray(ref))
+
+
+def test_amp_bf16_cpu_step():
+    """--amp on CPU: bf16 autocast, no GradScaler; the losses stay float32 and finite."""
+    import argparse
+    from segmentation.main import autocast_factory, build_optimizer, train_step
+
+    ac, scaler = autocast_factory(argparse.Namespace(amp=True, amp_dtype="auto"), torch.device("cpu"))
+    assert scaler is None
+    torch.manual_seed(0)
+    nets = [build_deeplabv2(backbone="resnet18", width=8) for _ in range(2)]
+    model = BECO(nets[0], nets[1], BECOSettings(warm_up=0, mix_aug=False))
+    img, label, mask = _toy_batch(2, 32, 32)
+    before = nets[0].aspp.c0.weight.detach().clone()
+    out = train_step(model, build_optimizer(model, 0.01, 0.9, 1e-4), img, label, mask, ac, scaler)
+    assert out["loss"].dtype == torch.float32 and math.isfinite(float(out["loss"]))
+    assert not torch.equal(before, nets[0].aspp.c0.weight)

@@ -5,22 +5,22 @@ confidence masks (``mask_irn/<id>.png``) are read here because only this stage r
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from tools.errors import DataError, require_dir, require_file
 from tools.imutils import normalize_imagenet
 from voc12.data import load_gt, load_image
 
-__all__ = ["PseudoMaskTrainSet", "ResizedValSet", "read_confidence_mask", "read_pseudo_label"]
+__all__ = ["PseudoMaskTrainSet", "ResizedValSet", "read_confidence_mask", "read_pseudo_label",
+           "random_resized_crop_params"]
 
 IRN_HINT = "run IRN (irn/run_sample.py, then irn/gen_mask.py), which writes segmentation/data/sem_seg and mask_irn"
 
@@ -43,6 +43,39 @@ def read_confidence_mask(path: os.PathLike | str) -> np.ndarray:
     with Image.open(p) as im:
         a = np.array(im.convert("L"), dtype=np.uint8)
     return (a > 127).astype(np.uint8) if a.max() > 1 else a
+
+
+def random_resized_crop_params(height: int, width: int, scale: Sequence[float],
+                               ratio: Sequence[float]) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` (same torch RNG draws, same result), written out so
+    that the stage does not import torchvision (whose import drags in torch._dynamo: seconds per process).
+    Returns ``(top, left, h, w)``."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+    in_ratio = float(width) / float(height)  # fallback: centre crop
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resized_crop(img: Image.Image, t: int, l: int, h: int, w: int, size: int, resample: int) -> Image.Image:
+    # = torchvision.transforms.functional.resized_crop on a PIL image
+    return img.crop((l, t, l + w, t + h)).resize((size, size), resample)
 
 
 def _to_tensor_normalised(img: Image.Image) -> torch.Tensor:
@@ -86,13 +119,12 @@ class PseudoMaskTrainSet(Dataset):
             msk = Image.fromarray(np.ones_like(lab_arr))
         else:
             msk = Image.fromarray(read_confidence_mask(self.mask_dir / f"{name}.png"))
-        t, l, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-        size = [self.crop_size, self.crop_size]
-        img = TF.resized_crop(img, t, l, h, w, size, InterpolationMode.BILINEAR)
-        lab = TF.resized_crop(lab, t, l, h, w, size, InterpolationMode.NEAREST)
-        msk = TF.resized_crop(msk, t, l, h, w, size, InterpolationMode.NEAREST)
+        t, l, h, w = random_resized_crop_params(img.height, img.width, self.scale, self.ratio)
+        img = _resized_crop(img, t, l, h, w, self.crop_size, Image.BILINEAR)
+        lab = _resized_crop(lab, t, l, h, w, self.crop_size, Image.NEAREST)
+        msk = _resized_crop(msk, t, l, h, w, self.crop_size, Image.NEAREST)
         if torch.rand(1).item() < 0.5:
-            img, lab, msk = TF.hflip(img), TF.hflip(lab), TF.hflip(msk)
+            img, lab, msk = (im.transpose(Image.FLIP_LEFT_RIGHT) for im in (img, lab, msk))
         return (_to_tensor_normalised(img), torch.from_numpy(np.array(lab, dtype=np.int64)),
                 torch.from_numpy(np.array(msk, dtype=np.int64)), name)
 
