@@ -126,6 +126,9 @@ def build_parser(cfg: dict[str, Any]) -> argparse.ArgumentParser:
     ap.add_argument("--determ", action="store_true", help="cudnn deterministic (else cudnn.benchmark)")
     ap.add_argument("--gpu_id", default=None, help="sets CUDA_VISIBLE_DEVICES")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads per process (0 = torch default); 1 is fastest for tiny CPU models "
+                         "and on a busy machine")
     ap.add_argument("--run_id", default="")
     ap.add_argument("--logging_tag", default="")
     ap.add_argument("--ckpt", default=None, help="checkpoint to test, or to start training from")
@@ -330,6 +333,8 @@ def find_resume(args: argparse.Namespace, logdir: Path) -> Path | None:
 # ----------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything one process does (rank from tools.dist); returns the final test scores."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     rank = tdist.get_rank()
     main_proc = tdist.is_main_process()
     if tdist.is_dist() and torch.cuda.is_available() and args.device != "cpu":
