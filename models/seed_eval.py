@@ -151,18 +151,41 @@ def _gt_rows(f0: int) -> np.ndarray:
 _GT_ROWS = [_gt_rows(f0) for f0 in range(NUM_CLASSES)]
 
 
+_LUT_SIZE = 65536
+_CHUNK = 1 << 18  # pixels per pass (a VOC image is one chunk; bounds the scratch memory for large images)
+
+
 @functools.lru_cache(maxsize=16)
-def _k_lut(th_bytes: bytes) -> np.ndarray:
-    """LUT over the top 16 bits of a float32 (sign, exponent, 7 mantissa bits): ``k * 462`` where
-    ``k = #{thresholds < m}`` is the same for every float in that bucket; a bucket with a threshold
-    inside it (about 20 of 65,536) maps to the spare slot ``k = T + 1`` and its pixels are resolved
-    exactly by a binary search."""
+def _k_lut(th_bytes: bytes) -> tuple[int, int, int, np.ndarray] | None:
+    """Bucket table for ``k = #{thresholds < m}`` on float32 bit patterns.
+
+    For positive floats the int32 view is monotonic in the value. The bits are clipped to
+    ``[lo, hi]`` around the threshold range and shifted right by ``shift`` into 65,536 buckets; the
+    table (uint8) holds ``k`` where every float of the bucket (and, for the end buckets, every clipped
+    float) has the same k, and the spare value ``T + 1`` where a threshold lies inside the
+    bucket. Pixels landing in the spare slot are re-decided exactly with a binary search on their true
+    value, so the result is exact whatever the bucket layout. Returns ``(lo, hi, shift, table)``, or
+    None (use the binary search everywhere) when a threshold is not a positive finite float.
+    """
     th = np.frombuffer(th_bytes, np.float32)
-    b = np.arange(65536, dtype=np.uint32) << np.uint32(16)
-    ends = [b.view(np.float32), (b | np.uint32(0xFFFF)).view(np.float32)]
+    if not (np.all(np.isfinite(th)) and th[0] > 0):
+        return None
+    bits = th.view(np.int32).astype(np.int64)
+    span = int(bits[-1] - bits[0]) + 4
+    shift = max(0, int(np.ceil(np.log2(span / (_LUT_SIZE - 8)))))
+    lo = int(bits[0]) - (2 << shift)
+    hi = lo + (_LUT_SIZE << shift) - 1
+    if hi >= 2**31:  # thresholds near the top of the float32 range: no room for the table
+        return None
+    start = lo + (np.arange(_LUT_SIZE, dtype=np.int64) << shift)
+    ends = [start.astype(np.int32).view(np.float32), (start + (1 << shift) - 1).astype(np.int32).view(np.float32)]
     k_a, k_b = (np.searchsorted(th, e, side="left") for e in ends)
     k = np.where(k_a == k_b, k_a, th.size + 1)
-    return (k * _K_STRIDE).astype(np.intp)
+    # end buckets also receive clipped values: negatives, zeros, tiny values (k = 0) and large values,
+    # infinities, NaN (k = T, as the binary search ranks NaN last)
+    k[0] = 0 if k_b[0] == 0 else th.size + 1
+    k[-1] = th.size if k_a[-1] == th.size else th.size + 1
+    return lo, hi, shift, k.astype(np.uint8)  # 64 KB: stays in cache (an intp table would not)
 
 
 def threshold_index(m: np.ndarray, th32: np.ndarray) -> np.ndarray:
@@ -170,15 +193,14 @@ def threshold_index(m: np.ndarray, th32: np.ndarray) -> np.ndarray:
     return np.searchsorted(th32, np.asarray(m, np.float32), side="left")
 
 
-_BUFFERS: dict[str, np.ndarray] = {}
+_BUFFERS: dict[tuple[str, object], np.ndarray] = {}
 
 
-def _buffer(name: str, n: int) -> np.ndarray:
-    """A per-process intp scratch array of at least ``n`` elements (reused across images: fresh
-    megabyte-sized temporaries per image cost page faults and cache misses)."""
-    a = _BUFFERS.get(name)
+def _buffer(name: str, n: int, dtype: type = np.intp) -> np.ndarray:
+    """A per-process scratch array (reused across chunks and images; not thread-safe)."""
+    a = _BUFFERS.get((name, dtype))
     if a is None or a.size < n:
-        a = _BUFFERS[name] = np.empty(max(n, 1 << 18), np.intp)
+        a = _BUFFERS[(name, dtype)] = np.empty(max(n, _CHUNK), dtype)
     return a[:n]
 
 
@@ -191,33 +213,51 @@ def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.nd
     m: ``(H, W)`` float32 best foreground score; f: ``(H, W)`` 1-based foreground label (or an int);
     gt: ``(H, W)`` uint8 with 255 = ignore (only gt 0..20 is counted). Feed to :func:`sweep_confusions`.
 
-    Speed: k comes from a 64k-entry table indexed by the top half of the float32 bits (exact except
-    in the ~20 buckets holding a threshold, whose pixels a binary search decides), the joint index is
-    assembled with two ``np.take`` look-ups into a reused buffer, and one ``np.bincount`` counts it:
-    a handful of passes per image instead of the reference's 20 argmaxes and 1,260 masked sums.
+    Speed: k comes from a 64k-entry bucket table on the float32 bits (:func:`_k_lut`; exact, with a
+    binary search for the rare pixels whose bucket holds a threshold), the joint index is assembled
+    with ``np.take`` look-ups into reused scratch buffers and one ``np.bincount`` counts it: a handful of passes per image instead of the reference's 20 argmaxes and 1,260 masked
+    sums. Not thread-safe (per-process scratch buffers); use processes for parallelism.
     """
     n, t = NUM_CLASSES, th32.size
     mf = np.ascontiguousarray(m, np.float32).reshape(-1)
     gt = np.ascontiguousarray(gt, np.uint8).reshape(-1)
-    size = mf.size
-    idx = _buffer("idx", size)
-    hi = mf.view(np.uint16)[1::2] if _LITTLE else mf.view(np.uint16)[0::2]
-    np.take(_k_lut(th32.tobytes()), hi, mode="wrap", out=idx)
-    rows = _buffer("rows", size)
-    if isinstance(f, (int, np.integer)):
-        np.take(_GT_ROWS_INTP[int(f)], gt, mode="wrap", out=rows)
+    fa = None if isinstance(f, (int, np.integer)) else np.ascontiguousarray(f).reshape(-1)
+    rows_lut = _GT_ROWS_INTP[0 if fa is not None else int(f)]
+    spec = _k_lut(th32.tobytes())
+    slots = t + 2
+    total = np.zeros(slots * _K_STRIDE, np.int64)
+    amb_fixed = []
+    for s in range(0, mf.size, _CHUNK):
+        e = min(mf.size, s + _CHUNK)
+        idx = _buffer("idx", e - s)
+        if spec is None:
+            np.multiply(threshold_index(mf[s:e], th32), _K_STRIDE, out=idx)
+        else:
+            lo, hi, shift, lut = spec
+            b = _buffer("bucket", e - s, np.int32)
+            np.maximum(mf[s:e].view(np.int32), lo, out=b)  # (np.clip's Python wrapper costs more)
+            np.minimum(b, hi, out=b)
+            b -= lo
+            b >>= shift
+            k8 = _buffer("k8", e - s, np.uint8)
+            np.take(lut, b, mode="wrap", out=k8)
+            np.multiply(k8, np.intp(_K_STRIDE), out=idx)
+        rows = _buffer("rows", e - s)
+        np.take(rows_lut, gt[s:e], mode="wrap", out=rows)
         idx += rows
-    else:
-        np.take(_GT_ROWS_INTP[0], gt, mode="wrap", out=rows)
-        idx += rows
-        idx += np.asarray(f).reshape(-1)
-    c = np.bincount(idx, minlength=(t + 2) * _K_STRIDE).reshape(t + 2, n + 1, n)
-    if c[t + 1].any():  # pixels in a bucket that holds a threshold: decide them exactly
-        amb = np.flatnonzero(idx >= (t + 1) * _K_STRIDE)
-        fixed = idx[amb] - (t + 1) * _K_STRIDE
-        fixed += np.searchsorted(th32, mf[amb], side="left") * _K_STRIDE
-        c = c[: t + 1] + np.bincount(fixed, minlength=(t + 1) * _K_STRIDE).reshape(t + 1, n + 1, n)
-    return c[: t + 1, :n, :]
+        if fa is not None:
+            idx += fa[s:e]
+        c = np.bincount(idx, minlength=slots * _K_STRIDE)
+        if c[(t + 1) * _K_STRIDE:].any():  # pixels whose bucket holds a threshold: decide them exactly
+            amb = np.flatnonzero(idx >= (t + 1) * _K_STRIDE)
+            fixed = idx[amb] - (t + 1) * _K_STRIDE
+            fixed += threshold_index(mf[s:e][amb], th32) * _K_STRIDE
+            amb_fixed.append(fixed)
+        total += c
+    total = total.reshape(slots, n + 1, n)[: t + 1]
+    for fixed in amb_fixed:
+        total += np.bincount(fixed, minlength=(t + 1) * _K_STRIDE).reshape(t + 1, n + 1, n)
+    return total[:, :n, :]
 
 
 def sweep_confusions(counts: np.ndarray) -> np.ndarray:
