@@ -15,13 +15,11 @@ Usage: python bench/random_walk.py [--size 500 375] [--repeat 3] [--device cpu|c
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -12,7 +12,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["PathIndex", "search_directions", "edge_to_affinity", "affinity_labels", "affinity_sparse_to_dense"]
 

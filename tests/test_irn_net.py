@@ -2,7 +2,6 @@
 ``stage2/irn_forward.npz`` / ``irn_loss.npz``, and strict loading of reference key layouts."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
