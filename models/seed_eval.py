@@ -215,8 +215,9 @@ def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.nd
 
     Speed: k comes from a 64k-entry bucket table on the float32 bits (:func:`_k_lut`; exact, with a
     binary search for the rare pixels whose bucket holds a threshold), the joint index is assembled
-    with ``np.take`` look-ups into reused scratch buffers and one ``np.bincount`` counts it: a handful of passes per image instead of the reference's 20 argmaxes and 1,260 masked
-    sums. Not thread-safe (per-process scratch buffers); use processes for parallelism.
+    with ``np.take`` look-ups into reused scratch buffers and one ``np.bincount`` counts it: a handful
+    of passes per image instead of the reference's 20 argmaxes and 1,260 masked sums. Not
+    thread-safe (per-process scratch buffers); use processes for parallelism.
     """
     n, t = NUM_CLASSES, th32.size
     mf = np.ascontiguousarray(m, np.float32).reshape(-1)

@@ -119,6 +119,28 @@ def test_one_pass_sweep_equals_per_threshold_argmax(thresholds):
         np.testing.assert_array_equal(empty[i], _brute_hist({}, gt, t))
 
 
+@pytest.mark.parametrize("thresholds", [REFERENCE_THRESHOLDS, (0.001, 0.5, 0.9), (1e-30, 1.0), (0.2,),
+                                        tuple(np.linspace(0.05, 0.95, 100))])
+def test_sweep_counts_exact_on_adversarial_values(thresholds):
+    """The bucket table + binary-search fallback equals a plain float32 binary search everywhere:
+    values on, just above and just below every threshold, 0.01-quantised values, negatives, 0, -0,
+    denormals, inf, NaN, and every gt value including 255."""
+    rng = np.random.default_rng(0)
+    th32 = thresholds_f32(thresholds)
+    m = np.concatenate([rng.random(100_000).astype(np.float32) * 1.4 - 0.2, th32,
+                        np.nextafter(th32, np.float32(9)), np.nextafter(th32, np.float32(-9)),
+                        np.round(rng.random(20_000), 2).astype(np.float32),
+                        np.array([np.nan, np.inf, -np.inf, 0, -0.0, 1e-40, 3e38], np.float32)])
+    gt = rng.integers(0, 22, m.size).astype(np.uint8)
+    gt[gt == 21] = 255
+    f = rng.integers(1, 21, m.size).astype(np.uint8)
+    k = np.searchsorted(th32, m, side="left")
+    valid = gt < 21
+    ref = np.bincount(((k * 21 + gt.astype(np.int64)) * 21 + f)[valid],
+                      minlength=(th32.size + 1) * 441).reshape(th32.size + 1, 21, 21)
+    np.testing.assert_array_equal(seed_eval.sweep_counts(m, f, gt, th32), ref)
+
+
 def test_single_pass_tasks_crf_and_png(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(1)
     ids = [f"img_{i}" for i in range(5)]  # ids of any length
