@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum_fix", action="store_true", help="fix: real SGD momentum 0.9 (reference: 5e-4)")
     p.add_argument("--safe_ce", type=_bool, default=False,
                    help="fix: an all-ignored pseudo-label cross-entropy gives 0 instead of NaN")
+    p.add_argument("--train_bn", type=_bool, default=False,
+                   help="not the reference: BatchNorm in train mode with trainable affine (from-scratch toy runs)")
+    p.add_argument("--train_stem", type=_bool, default=False,
+                   help="not the reference: also train conv1a and b2* (from-scratch toy runs)")
     p.add_argument("--early_batch_size", type=int, default=8, help="global batch size before epoch --T (reference 8)")
     p.add_argument("--val_epochs", default=",".join(map(str, REFERENCE_VAL_EPOCHS)),
                    help="comma-separated 0-based epochs with CAM validation; 'none' disables; 'last' = final epoch")
@@ -338,7 +342,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     max_step = max(1, len(train_set) // 8 * args.max_epochs)  # reference formula (batch 8 throughout)
 
     # ---- model and optimizer (groups built before the first .train(), as the reference)
-    net = Net_gpp(D=args.D, C=20, width=args.width)
+    net = Net_gpp(D=args.D, C=20, width=args.width, train_bn=args.train_bn, train_stem=args.train_stem)
     if str(args.init).lower() != "none" and not resuming:
         load_imagenet_init(net, args.init, log)
     elif str(args.init).lower() == "none":

@@ -127,9 +127,14 @@ class Net_gpp(nn.Module):  # noqa: N801 - reference class name
     gpp (B,C,h,w) gated pyramid map; cam_seg (B,C+1,h,w) fc9 scores (background first).
     """
 
-    def __init__(self, D: int = 256, C: int = 20, width: float = 1.0) -> None:
+    def __init__(self, D: int = 256, C: int = 20, width: float = 1.0, train_bn: bool = False,
+                 train_stem: bool = False) -> None:
         super().__init__()
         self.width = float(width)
+        # Reference: BatchNorm frozen in eval mode and conv1a/b2* frozen (ImageNet features). For
+        # from-scratch toy runs these can be switched off; they change no key or shape.
+        self.train_bn = bool(train_bn)
+        self.train_stem = bool(train_stem)
         self.D = D
         self.C = C
         w = lambda c: scaled_channels(c, self.width)  # noqa: E731
@@ -232,14 +237,16 @@ class Net_gpp(nn.Module):  # noqa: N801 - reference class name
         the only train/eval difference left is Dropout2d in b6/b7.
         """
         super().train(mode)
-        for layer in self.not_training:
-            for p in layer.parameters():
-                p.requires_grad = False
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
-                m.weight.requires_grad = False
-                m.bias.requires_grad = False
+        if not self.train_stem:
+            for layer in self.not_training:
+                for p in layer.parameters():
+                    p.requires_grad = False
+        if not self.train_bn:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+                    m.weight.requires_grad = False
+                    m.bias.requires_grad = False
         return self
 
     def get_parameter_groups(self) -> tuple[list, list, list, list]:
@@ -248,9 +255,12 @@ class Net_gpp(nn.Module):  # noqa: N801 - reference class name
         Only Conv2d/GroupNorm modules are considered (BatchNorm is never optimised), visited in
         registration order. Called before the first ``.train()`` (as train.py does) group 0
         holds all 51 conv weights, the other three are empty.
+        With ``train_bn`` (not the reference) BatchNorm affine parameters join group 1 (no weight decay).
         """
         groups: tuple[list, list, list, list] = ([], [], [], [])
         for m in self.modules():
+            if self.train_bn and isinstance(m, nn.BatchNorm2d) and m is not self.bn8:
+                groups[1].extend([m.weight, m.bias])
             if isinstance(m, (nn.Conv2d, nn.GroupNorm)):
                 scratch = m in self.from_scratch_layers
                 if m.weight is not None and m.weight.requires_grad:
