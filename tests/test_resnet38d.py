@@ -95,3 +95,14 @@ def test_small_width_shapes_and_grad() -> None:
     assert gpp.shape == cam.shape and cam_seg.shape == (2, 21, 6, 7)
     out.sum().backward()
     assert net.conv1a.weight.grad is None and net.b3.conv_branch2a.weight.grad is not None
+
+
+def test_scratch_options_train_bn_and_stem() -> None:
+    net = Net_gpp(width=0.0625, train_bn=True, train_stem=True)
+    groups = net.get_parameter_groups()
+    n_bn = sum(1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)) - 1  # bn8 is dead
+    assert len(groups[0]) == 51 and len(groups[1]) == 2 * n_bn
+    net.train()
+    assert net.conv1a.weight.requires_grad and net.b2.bn_branch2a.weight.requires_grad
+    assert net.b3.bn_branch2a.training
+    assert list(net.state_dict()) == list(Net_gpp(width=0.0625).state_dict())
