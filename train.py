@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA with loss scaling, bf16 on CPU)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers (the reference hard-codes 4)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch default; 1 is much faster on a busy machine)")
     p.add_argument("--resume", action="store_true", help="continue from ckpt/last.pth when it exists")
     p.add_argument("--init", default=DEFAULT_INIT,
                    help="ImageNet ResNet-38 weights (MXNet .params); 'none' trains from scratch")
@@ -289,6 +291,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     device = get_device(args.device)
     if device.type == "cuda" and args.distributed:
         device = torch.device("cuda", args.gpu)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     seed_everything(args.seed)
 
     crop = int(args.crop[0])
