@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="stop", default=None, metavar="STAGE", help="last stage or step to run")
     p.add_argument("--device", default="auto", help="device for every stage (auto, cpu, cuda, cuda:1)")
     p.add_argument("--workers", type=int, default=None, help="worker processes per step (default 2 toy / 8 voc)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for every step (default 1 for toy: tiny models, no spinning thread pools; "
+                        "unset for voc); 0 = leave it to torch")
     p.add_argument("--overwrite", action="store_true",
                    help="redo the selected steps even if their outputs exist (passes --overwrite where a CLI has it)")
     p.add_argument("--dry_run", action="store_true", help="print the commands and exit")
@@ -105,7 +108,8 @@ def compute_baselines(cfg, lists: Path) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = default_config(args.preset, args.name, args.data_root, args.size, args.device, args.workers)
+    cfg = default_config(args.preset, args.name, args.data_root, args.size, args.device, args.workers,
+                         threads=args.threads)
     os.chdir(REPO_ROOT)  # every path in the plan is relative to the repo root
     try:
         steps = select_steps(build_steps(cfg), args.start, args.stop)

@@ -68,6 +68,7 @@ class Step:
     resume_args: list[str] = field(default_factory=list)  # added when ``resume_if`` matches a file
     resume_if: str | None = None  # repo-relative path or glob pattern
     title: str = ""
+    env: dict = field(default_factory=dict)  # extra environment, shown in front of the command
 
     def command(self, overwrite: bool = False, root: Path = REPO_ROOT) -> list[str]:
         argv = list(self.argv)
@@ -79,6 +80,8 @@ class Step:
 
     def display(self, argv: Sequence[str]) -> str:
         cmd = shlex.join(argv)
+        if self.env:
+            cmd = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in self.env.items()) + " " + cmd
         return cmd if self.cwd in ("", ".") else f"cd {self.cwd} && {cmd}"
 
     def missing_outputs(self, root: Path = REPO_ROOT) -> list[str]:
@@ -209,7 +212,7 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
         before = float((_read_record(partial_path) or {}).get("seconds", 0.0))
         t0 = time.perf_counter()
         try:
-            rc, text = run_command(argv, root / step.cwd, log_path, env, echo)
+            rc, text = run_command(argv, root / step.cwd, log_path, {**(env or {}), **step.env}, echo)
         except BaseException:
             # interrupted: keep the time spent so the finished step reports its whole wall time
             atomic_write_json(partial_path, {"seconds": round(before + time.perf_counter() - t0, 3)})
