@@ -90,12 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--als_cross", type=float, default=1.0, help="KTSE+ cross-image leakage weight (0 = off)")
     p.add_argument("--als_bg", type=float, default=0.1, help="KTSE+ background leakage weight (0 = off)")
     p.add_argument("--momentum_fix", action="store_true", help="fix: real SGD momentum 0.9 (reference: 5e-4)")
-    p.add_argument("--safe_ce", type=_bool, default=False,
-                   help="fix: an all-ignored pseudo-label cross-entropy gives 0 instead of NaN")
-    p.add_argument("--train_bn", type=_bool, default=False,
-                   help="not the reference: BatchNorm in train mode with trainable affine (from-scratch toy runs)")
-    p.add_argument("--train_stem", type=_bool, default=False,
-                   help="not the reference: also train conv1a and b2* (from-scratch toy runs)")
+    p.add_argument("--safe_ce", type=_bool, default=None,
+                   help="fix: an all-ignored pseudo-label cross-entropy gives 0 instead of NaN "
+                        "(default: true with --init none, else false = reference)")
+    p.add_argument("--train_bn", type=_bool, default=None,
+                   help="not the reference: BatchNorm in train mode with trainable affine "
+                        "(default: true with --init none, else false = reference)")
+    p.add_argument("--train_stem", type=_bool, default=None,
+                   help="not the reference: also train conv1a and b2* (default: true with --init none, else false)")
     p.add_argument("--early_batch_size", type=int, default=8, help="global batch size before epoch --T (reference 8)")
     p.add_argument("--val_epochs", default=",".join(map(str, REFERENCE_VAL_EPOCHS)),
                    help="comma-separated 0-based epochs with CAM validation; 'none' disables; 'last' = final epoch")
@@ -285,6 +287,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from tools.misc import get_device, seed_everything
     from voc12.data import ClsPairDataset, check_voc_root, load_cls_labels, read_id_list
 
+    # From-scratch runs (--init none) are outside what the reference does (it always starts from
+    # ImageNet weights with frozen BatchNorm); there the scratch-friendly settings are the default.
+    scratch = str(args.init).lower() == "none"
+    for flag in ("train_bn", "train_stem", "safe_ce"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, scratch)
     dist.init_distributed_mode(args)
     main = dist.is_main_process()
     world = dist.get_world_size()
