@@ -73,7 +73,9 @@ def _port() -> int:
 
 
 def test_ddp_two_ranks_equal_single_process(tmp_path):
-    torch.multiprocessing.spawn(_worker, args=(2, _port(), str(tmp_path)), nprocs=2, join=True)
+    # fork: the workers reuse this process's imports (spawn would import torch twice more)
+    torch.multiprocessing.start_processes(_worker, args=(2, _port(), str(tmp_path)), nprocs=2, join=True,
+                                          start_method="fork")
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     threads = torch.get_num_threads()
