@@ -92,6 +92,17 @@ def one(width: float, phase: str, batch: int, crop: int, steps: int, warmup: int
     return res
 
 
+def _write(path: str, rows: list[dict], note: str = "") -> None:
+    from tools.io import atomic_write_json
+
+    out = {"benchmark": "stage-one training step (KTSE+)", "host": platform.node(), "cpu_count": os.cpu_count(),
+           "note": "cls = epoch < T (classification only); ktse = epoch >= T (4 forwards + PAR + all losses). "
+                   "CPU memory is the process peak RSS (includes the model, gradients and optimizer state). " + note,
+           "rows": rows}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", type=float, nargs="+", default=[1.0, 0.125])
@@ -104,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", action="store_true", help="also run AMP rows")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_step.json"))
+    p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._one:
@@ -128,14 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 mem = res.get("peak_mem_mib", res.get("peak_rss_mib"))
                 print(f"width {w:<6g} {ph:<5} {'amp' if amp else 'fp32':<5} {res['sec_per_step']:8.2f} s/step "
                       f"{res['images_per_s']:7.2f} img/s  peak {mem:8.0f} MiB", flush=True)
-    out = {"benchmark": "stage-one training step (KTSE+)", "host": platform.node(), "cpu_count": os.cpu_count(),
-           "note": "cls = epoch < T (classification only); ktse = epoch >= T (4 forwards + PAR + all losses). "
-                   "CPU memory is the process peak RSS (includes the model, gradients and optimizer state).",
-           "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    from tools.io import atomic_write_json
-
-    atomic_write_json(a.out, out)
+                _write(a.out, rows, a.note)  # after every row: a long run interrupted keeps what it measured
     print("\n| width | phase | precision | s/step | images/s | peak MiB |\n|---|---|---|---|---|---|")
     for r in rows:
         mem = r.get("peak_mem_mib", r.get("peak_rss_mib"))
