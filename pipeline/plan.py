@@ -126,6 +126,20 @@ def _eval_metrics(json_path: str):
     return read
 
 
+def _toy_check(data_root: str, t: ToySize):
+    """An existing toy set must have the requested size (else the figures would not be this preset's)."""
+    def check(root: Path) -> str | None:
+        meta = read_json(root / data_root / "toy_meta.json") or {}
+        want = {"n_train": t.n_train, "n_val": t.n_val}
+        got = {k: meta.get(k) for k in want}
+        if got != want or (meta.get("size") and meta["size"][1] != t.max_size):
+            return (f"'{data_root}' holds a toy set made with other settings ({meta.get('n_train')} train, "
+                    f"{meta.get('n_val')} val, sides {meta.get('size')}; wanted {t.n_train}, {t.n_val}, max {t.max_size}). "
+                    f"Delete it or pass another --data_root.")
+        return None
+    return check
+
+
 def _json_miou(json_path: str, key: str):
     """Figures of a BECO step: ``key`` (a fraction) of its JSON, else its last printed mIoU line;
     plus the 21-class mean (stage-one definition) from the JSON's confusion matrix when present."""
@@ -201,7 +215,8 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
         steps.append(Step("toy_data", "data", ["python", "-m", "voc12.toy", "--out", cfg.data_root,
                                                "--n_train", str(t.n_train), "--n_val", str(t.n_val),
                                                "--max_size", str(t.max_size)],
-                          outputs=[f"{cfg.data_root}/toy_meta.json"], title="generate the toy VOC set"))
+                          outputs=[f"{cfg.data_root}/toy_meta.json"], check=_toy_check(cfg.data_root, t),
+                          title="generate the toy VOC set"))
     steps.append(Step("prepare", "data", ["python", "voc12/prepare.py", "--voc_root", cfg.data_root,
                                           "--out_dir", lists],
                       outputs=[cls_labels, train_list, val_list, aug_list], title="lists and class labels"))

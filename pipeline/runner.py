@@ -69,6 +69,8 @@ class Step:
     resume_if: str | None = None  # repo-relative path or glob pattern
     title: str = ""
     env: dict = field(default_factory=dict)  # extra environment, shown in front of the command
+    # ``check(root) -> message or None``: existing outputs made with other settings (an error, not a skip)
+    check: Callable[[Path], str | None] | None = None
 
     def command(self, overwrite: bool = False, root: Path = REPO_ROOT) -> list[str]:
         argv = list(self.argv)
@@ -105,7 +107,7 @@ class StepResult:
     log: str | None = None
 
 
-class _Terminated(Exception):
+class _Terminated(KeyboardInterrupt):  # handled like Ctrl-C by callers
     pass
 
 
@@ -199,9 +201,12 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
             results.append(StepResult(step.name, step.stage, shown, None, True, {}))
             continue
         if not overwrite and not missing:
+            problem = step.check(root) if step.check else None
+            if problem:
+                raise StepFailed(f"step '{step.name}': {problem}")
             res = recorded_result(step, key, record, log_path)
             printer(f"[skip] {step.name}: outputs exist "
-                    f"({'recorded' if res.seconds is not None else 'not run by this pipeline or with other flags'})"
+                    f"({'recorded' if res.seconds is not None else 'no record of this command in this experiment'})"
                     f"{'' if res.seconds is None else f', took {res.seconds:.1f} s'}")
             if record is not None and record.get("command") != key:
                 printer(f"       recorded command differs; use --from {step.name} --to {step.name} --overwrite to redo it")

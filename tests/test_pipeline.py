@@ -113,6 +113,11 @@ def test_runner_failure_and_missing_outputs(tmp_path: Path) -> None:
     assert not (rec / "bad.json").exists() and (rec / "bad.partial.json").exists()
     with pytest.raises(StepFailed, match="did not write"):
         run_steps([Step("lazy", "data", _py("pass"), outputs=["never.txt"])], rec, root=tmp_path, echo=False)
+    # existing outputs made with other settings are an error, not a silent skip
+    (tmp_path / "made.txt").write_text("old")
+    with pytest.raises(StepFailed, match="other settings"):
+        run_steps([Step("stale", "data", _py("pass"), outputs=["made.txt"],
+                        check=lambda root: "made with other settings")], rec, root=tmp_path, echo=False)
 
 
 def test_runner_interrupted_then_resumed(tmp_path: Path) -> None:
