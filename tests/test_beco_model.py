@@ -313,3 +313,22 @@ def test_amp_bf16_cpu_step(one_thread):
     out = train_step(model, build_optimizer(model, 0.01, 0.9, 1e-4), img, label, mask, ac, scaler)
     assert out["loss"].dtype == torch.float32 and math.isfinite(float(out["loss"].detach()))
     assert not torch.equal(before, nets[0].aspp.c0.weight)
+
+
+def test_config_file_overlay_and_cli_precedence(tmp_path):
+    from segmentation.main import DEFAULT_CONFIG, SEG_DIR, parse_args
+    from tools.errors import WSSSError
+
+    a = parse_args([])
+    ref = json.loads(DEFAULT_CONFIG.read_text())
+    assert (a.batch_size, a.max_epoch, a.warm_up, a.lr, a.backbone) == (16, 100, 2, 0.01, "resnet101")
+    assert a.msc_scales == [0.75, 1.0, 1.25] and a.test_msc is True and a.crop_scale == [0.5, 0.75]
+    assert a.pretrained == str(SEG_DIR / ref["network"]["pretrained"])  # config paths: relative to segmentation/
+    t = parse_args(["--config", str(SEG_DIR / "configs" / "toy.json"), "--lr", "0.1", "--mask_dir", "none",
+                    "--pseudo_label_dir", "gt_dir", "--test_msc", "false"])
+    assert (t.backbone, t.backbone_width, t.batch_size, t.lr, t.pretrained) == ("resnet18", 16, 8, 0.1, None)
+    assert t.mask_dir is None and t.sem_seg_dir == "gt_dir" and t.test_msc is False
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"runner": {"max_epochs": 3}}))
+    with pytest.raises(WSSSError, match="max_epochs"):
+        parse_args(["--config", str(bad)])
