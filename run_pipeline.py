@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stage_seconds(results: list[StepResult], stage: str) -> float | None:
-    secs = [r.seconds for r in results if r.stage == stage and r.seconds is not None]
+def _stage_seconds(results: list[StepResult], stage: str, attr: str = "seconds") -> float | None:
+    secs = [getattr(r, attr) for r in results if r.stage == stage and getattr(r, attr) is not None]
     return round(sum(secs), 3) if secs else None
 
 
@@ -83,6 +83,8 @@ def build_rows(results: list[StepResult], baselines: dict[str, dict], toy: bool)
         rows.append(StageRow(STAGE_TITLES[stage], "val mIoU (test.py" + (" --crf)" if stage == "crf" else ")"), "val",
                              m.get("miou"), base("val"), _stage_seconds(results, stage),
                              f"21-class mean {m['miou21']:.2f}%" if m.get("miou21") is not None else ""))
+    for row, stage in zip(rows, ("data", "stage1", "irn", "beco", "crf")):
+        row.cpu_seconds = _stage_seconds(results, stage, "cpu_seconds")
     return rows
 
 
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"preset": cfg.preset, "size": cfg.size if cfg.preset == "toy" else None, "name": cfg.name,
                "data_root": cfg.data_root, "rows": rows_to_json(rows), "baselines": baselines,
                "steps": [{"name": r.name, "stage": r.stage, "command": r.command, "seconds": r.seconds,
-                          "metrics": r.metrics} for r in all_results]}
+                          "cpu_seconds": r.cpu_seconds, "metrics": r.metrics} for r in all_results]}
     atomic_write_json(record_dir / "summary.json", summary)
     if not args.no_report:
         md = write_report(report_inputs(cfg, rows, all_results))

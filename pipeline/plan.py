@@ -45,21 +45,19 @@ class ToySize:
     irn_epochs: int
     irn_width: int
     # BECO
-    beco_epochs: int
-    beco_batch: int
-    beco_crop: int
-    beco_width: int  # ResNet base width (64 = standard)
+    beco_args: list  # flags on top of segmentation/configs/toy.json
 
 
 TOY_SIZES: dict[str, ToySize] = {
     # the README's demo: <= 10 minutes on 2 CPU cores
     "small": ToySize(n_train=120, n_val=40, max_size=128, width=0.125, epochs=8, T=3, batch_size=16, crop=96,
                      resize=(96, 144), lr=0.05, irn_crop=128, irn_batch=16, irn_epochs=3, irn_width=16,
-                     beco_epochs=8, beco_batch=8, beco_crop=96, beco_width=16),
+                     beco_args=[]),
     # the CI test: <= 3 minutes
     "tiny": ToySize(n_train=24, n_val=8, max_size=80, width=0.0625, epochs=2, T=1, batch_size=8, crop=64,
                     resize=(64, 96), lr=0.05, irn_crop=96, irn_batch=8, irn_epochs=1, irn_width=8,
-                    beco_epochs=3, beco_batch=4, beco_crop=64, beco_width=8),
+                    beco_args=["--backbone_width", "8", "--max_epoch", "4", "--batch_size", "4", "--crop_size", "64",
+                               "--val_size", "80"]),
 }
 
 
@@ -283,13 +281,12 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     seg = "segmentation"
     beco = ["python", "main.py"] + (["-dist", "--amp"] if not toy else []) + ["--logging_tag", p.beco_tag]
     if toy:
-        beco += ["--logging_path_base", _rel(p.beco_log_base, seg), "--data_root", _rel(cfg.data_root, seg),
-                 "--sem_seg_dir", _rel(p.irn_sem_seg, seg), "--mask_dir", _rel(p.irn_mask, seg),
-                 "--train_list", _rel(aug_list, seg), "--val_list", _rel(val_list, seg),
-                 "--backbone", "resnet18", "--backbone_width", str(t.beco_width), "--pretrained", "none",
-                 "--warm_up", "1", "--max_epoch", str(t.beco_epochs),
-                 "--batch_size", str(t.beco_batch), "--crop_size", str(t.beco_crop), "--val_size", str(t.max_size),
-                 "--num_workers", str(cfg.workers)] + dev
+        # segmentation/configs/toy.json: the BECO helper's CPU toy settings (ResNet-18 width 16, lr 0.05,
+        # crop 96, 8 epochs); the tiny size shrinks them further on the command line
+        beco += ["--config", "configs/toy.json", "--logging_path_base", _rel(p.beco_log_base, seg),
+                 "--data_root", _rel(cfg.data_root, seg), "--sem_seg_dir", _rel(p.irn_sem_seg, seg),
+                 "--mask_dir", _rel(p.irn_mask, seg), "--train_list", _rel(aug_list, seg),
+                 "--val_list", _rel(val_list, seg)] + t.beco_args + dev
     else:
         beco += dev
     logits = f"{p.beco_dir}/logits_msc"

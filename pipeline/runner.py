@@ -105,6 +105,7 @@ class StepResult:
     skipped: bool
     metrics: dict
     log: str | None = None
+    cpu_seconds: float | None = None
 
 
 class _Terminated(KeyboardInterrupt):  # handled like Ctrl-C by callers
@@ -128,6 +129,12 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(wait)
         except subprocess.TimeoutExpired:
             continue
+
+
+def _children_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def run_command(argv: Sequence[str], cwd: Path, log_path: Path, env: dict | None = None,
@@ -215,7 +222,7 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
         printer(f"\n$ {shown}")
         partial_path = record_dir / f"{step.name}.partial.json"
         before = float((_read_record(partial_path) or {}).get("seconds", 0.0))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _children_cpu()
         try:
             rc, text = run_command(argv, root / step.cwd, log_path, {**(env or {}), **step.env}, echo)
         except BaseException:
@@ -223,6 +230,7 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
             atomic_write_json(partial_path, {"seconds": round(before + time.perf_counter() - t0, 3)})
             raise
         seconds = time.perf_counter() - t0 + before
+        cpu = _children_cpu() - c0  # CPU time of the step's processes: its cost on a quiet machine
         if rc != 0:
             atomic_write_json(partial_path, {"seconds": round(seconds, 3)})
             raise StepFailed(f"step '{step.name}' failed with exit code {rc} after {seconds:.1f} s: {shown}\n"
@@ -233,12 +241,13 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
                              f"{', '.join(still[:3])}. Command: {shown}. Log: {log_path}")
         metrics = step.metrics(text) if step.metrics else {}
         atomic_write_json(record_path, {"step": step.name, "stage": step.stage, "command": key, "ran": shown,
-                                        "seconds": round(seconds, 3), "metrics": metrics,
+                                        "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "metrics": metrics,
                                         "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         if partial_path.exists():
             partial_path.unlink()
-        printer(f"[done] {step.name} in {seconds:.1f} s" + (f" (incl. {before:.1f} s of earlier attempts)" if before else ""))
-        results.append(StepResult(step.name, step.stage, shown, seconds, False, metrics, str(log_path)))
+        printer(f"[done] {step.name} in {seconds:.1f} s (CPU {cpu:.1f} s)"
+                + (f" (incl. {before:.1f} s of earlier attempts)" if before else ""))
+        results.append(StepResult(step.name, step.stage, shown, seconds, False, metrics, str(log_path), cpu))
     return results
 
 
@@ -252,7 +261,7 @@ def recorded_result(step: Step, shown: str, record: dict | None, log_path: Path)
         log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
         metrics = step.metrics(log_text) if step.metrics else {}
     return StepResult(step.name, step.stage, shown, record.get("seconds") if same else None, True, metrics,
-                      str(log_path) if log_path.is_file() else None)
+                      str(log_path) if log_path.is_file() else None, record.get("cpu_seconds") if same else None)
 
 
 def collect_results(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT) -> list[StepResult]:
