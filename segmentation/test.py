@@ -5,7 +5,7 @@
 Per image: logits ``<logits_dir>/<id>.npy`` (C,h,w) -> bilinear to the image size (align_corners
 False) -> softmax -> optional dense CRF (10 iterations, Gaussian sxy 1 compat 3, bilateral sxy 67
 srgb 3 compat 4, unary -log(clip(p, 1e-5))) -> argmax -> ``<logits_dir>/../<mode>_pred/<id>.png``
-(uint8, mode L). Val mode prints ``mIoU: <fraction>`` (mean over classes present in the ground truth)
+(class indices; a VOC-palette PNG, which reads back as the same indices as the reference's mode-L file). Val mode prints ``mIoU: <fraction>`` (mean over classes present in the ground truth)
 and writes ``<logits_dir>/../<mode>_metrics[_crf].json``.
 
 CRF image: the reference passes ``(RGB - [122.675, 116.669, 104.008]).astype(uint8)``, whose negative
@@ -30,7 +30,8 @@ if str(REPO) not in sys.path:  # the seed command runs `python test.py` from seg
 import numpy as np  # noqa: E402
 
 from tools.errors import MissingFileError, WSSSError, require_dir, require_file  # noqa: E402
-from tools.io import atomic_path, atomic_write_json  # noqa: E402
+from tools.imutils import read_label_png, write_label_png  # noqa: E402
+from tools.io import atomic_write_json  # noqa: E402
 from tools.metrics import confusion_matrix, present_class_scores, scores  # noqa: E402
 from voc12.data import load_gt, load_image, read_id_list  # noqa: E402
 
@@ -77,18 +78,14 @@ def _init_worker() -> None:
 
 def _task(t: dict[str, Any]) -> np.ndarray | None:
     """Process one id: returns its confusion matrix (None in test mode)."""
-    from PIL import Image
-
     out = Path(t["out"])
     if t["reuse"] and out.is_file():
-        with Image.open(out) as im:
-            pred = np.array(im, dtype=np.uint8)
+        pred = read_label_png(out)
     else:
         img = load_image(t["root"], t["id"])
         logits = np.load(t["logits"])
         pred = predict_one(logits, img, t["crf"], t["crf_image"])
-        with atomic_path(out) as tmp:
-            Image.fromarray(pred, mode="L").save(tmp, format="PNG")
+        write_label_png(out, pred, palette=True)
     if t["label_folder"] is None:
         return None
     gt = load_gt(t["root"], t["id"], folder=t["label_folder"])

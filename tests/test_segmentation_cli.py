@@ -125,7 +125,7 @@ def test_test_then_crf(toy, trained):
     preds = sorted((trained / "seg_result" / "val_pred").glob("*.png"))
     assert len(preds) == 4
     with Image.open(preds[0]) as im:
-        assert im.mode == "L"
+        assert im.mode == "P"  # palette PNG of class indices
         assert im.size == Image.open(toy / "JPEGImages" / (preds[0].stem + ".jpg")).size
     res = json.loads((trained / "seg_result" / "val_metrics_crf.json").read_text())
     assert abs(res["mIoU"] - miou) < 1e-12 and res["crf_image"] == "wrapped"

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tools.errors import DataError, require_dir, require_file
-from tools.imutils import normalize_imagenet
+from tools.imutils import normalize_imagenet, read_label_png
 from voc12.data import load_gt, load_image
 
 __all__ = ["PseudoMaskTrainSet", "ResizedValSet", "read_confidence_mask", "read_pseudo_label",
@@ -27,9 +27,7 @@ IRN_HINT = "run IRN (irn/run_sample.py, then irn/gen_mask.py), which writes segm
 
 def read_pseudo_label(path: os.PathLike | str) -> np.ndarray:
     """A pseudo-label PNG (mode L or P) -> ``(H, W)`` uint8 class ids (the reference's ``np.array(PIL)``)."""
-    p = require_file(path, "pseudo-label PNG", IRN_HINT)
-    with Image.open(p) as im:
-        return np.array(im if im.mode in ("L", "P") else im.convert("L"), dtype=np.uint8)
+    return read_label_png(require_file(path, "pseudo-label PNG", IRN_HINT))
 
 
 def read_confidence_mask(path: os.PathLike | str) -> np.ndarray:
