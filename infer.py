@@ -369,7 +369,7 @@ def run(args: argparse.Namespace) -> dict:
     dist.barrier()
     if main_proc:
         rate = stats["inferred"] / stats["seconds"] if stats["seconds"] > 0 and stats["inferred"] else 0.0
-        print(f"done: {stats['inferred']} inferred ({rate:.2f} img/s on {device}), {stats['post']} "
+        print(f"done: {stats['inferred']} inferred ({rate:.3g} img/s on {device}), {stats['post']} "
               f"post-processed, {stats['skipped']} skipped; outputs in {paths.root}", flush=True)
     return stats
 
