@@ -41,7 +41,8 @@ def resolve_list(value: str, data_root: os.PathLike | str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--list", default="train",
                    help="list name under <data_root>/ImageSets/Segmentation/ (reference), or a path to a list file")
     p.add_argument("--task", required=True, choices=TASKS, help="cam: threshold sweep over CAM dicts; "

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # reference flags (stage1.md §5.1); the ones marked unused are accepted for command compatibility
-    p.add_argument("--infer_list", default="voc12/train.txt", help="image list (plain ids or /JPEGImages/<id>.jpg lines)")
+    p.add_argument("--infer_list", default="voc12/train.txt",
+                   help="image list (plain ids or /JPEGImages/<id>.jpg lines)")
     p.add_argument("--num_workers", type=int, default=8, help="reference flag (unused there); see --workers")
     p.add_argument("--batch_size", type=int, default=8, help="unused (reference compatibility)")
     p.add_argument("--resize", type=float, nargs="+", default=[256, 512], help="unused (reference compatibility)")
