@@ -155,6 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def auto_notes(rows: list[StageRow]) -> list[str]:
+    """Plain statements about the table: stages at or below the trivial baseline, stages that do not
+    improve on the one before (seeds -> pseudo-labels -> BECO -> BECO + CRF)."""
+    notes = []
+    scored = [r for r in rows if r.miou is not None]
+    for r in scored:
+        if r.baseline is not None and r.miou <= r.baseline:
+            notes.append(f"{r.stage}: {r.miou:.2f}% is not above the trivial baseline ({r.baseline:.2f}%) on {r.split}.")
+    for a, b in zip(scored, scored[1:]):
+        if b.miou <= a.miou:
+            notes.append(f"{b.stage} ({b.miou:.2f}%) does not improve on {a.stage} ({a.miou:.2f}%)"
+                         + (" (different splits: train vs val)." if a.split != b.split else "."))
+    return notes
+
+
 def beco_pred_title(pred_dir: Path) -> str:
     """test.py keeps one prediction folder (CRF or not, per its settings.json): say which."""
     stamp = read_json(pred_dir / "settings.json") or {}
@@ -180,7 +195,7 @@ def report_inputs(cfg, rows: list[StageRow], results: list[StepResult]) -> Repor
     series = {"CAM seeds (train)": REPO_ROOT / p.cam_eval_json, "IRN pseudo-labels (train)": REPO_ROOT / p.irn_eval_json,
               "BECO (val)": REPO_ROOT / p.beco_dir / "val_metrics.json",
               "BECO + CRF (val)": REPO_ROOT / p.beco_dir / "val_metrics_crf.json"}
-    notes = []
+    notes = auto_notes(rows)
     if cfg.preset == "toy":
         notes.append("Toy preset: synthetic images, networks trained from scratch at small width; the figures "
                      "show the chain works and each stage's effect, not the paper's accuracy.")
