@@ -165,6 +165,7 @@ class Paths:
 
     ckpt: str                # stage-one checkpoint of the epoch used downstream (…/NNNnet_main.pth)
     load_epo: int
+    train_done: str          # the last epoch's checkpoint: training finished
     dict_dir: str            # stage-one CAM dictionaries
     cam_eval_json: str
     irn_root: str            # IRN result folder
@@ -186,11 +187,14 @@ def paths_for(cfg: PipelineConfig) -> Paths:
     if cfg.preset == "toy":
         epo = cfg.toy.epochs - 1
         irn = f"{exp}/irn"
-        return Paths(ckpt=f"{exp}/ckpt/{epo:03d}net_main.pth", load_epo=epo, dict_dir=f"{exp}/dict",
+        return Paths(ckpt=f"{exp}/ckpt/{epo:03d}net_main.pth", load_epo=epo, train_done=f"{exp}/ckpt/{epo:03d}net_main.pth",
+                     dict_dir=f"{exp}/dict",
                      cam_eval_json=f"{exp}/eval_cam.json", irn_root=irn, irn_sem_seg=f"{irn}/sem_seg",
                      irn_score=f"{irn}/score", irn_mask=f"{irn}/mask_irn", irn_weights=f"{irn}/res50_irn.pth",
                      irn_eval_json=f"{exp}/eval_irn.json", beco_log_base=f"{exp}/beco", beco_tag="seg")
-    return Paths(ckpt=f"{exp}/ckpt/031net_main.pth", load_epo=31, dict_dir=f"{exp}/dict",
+    # the KTSE+ release is epoch 31 of 40 (seed command 1); training is done when epoch 39 is saved
+    return Paths(ckpt=f"{exp}/ckpt/031net_main.pth", load_epo=31, train_done=f"{exp}/ckpt/039net_main.pth",
+                 dict_dir=f"{exp}/dict",
                  cam_eval_json=f"{exp}/eval_cam.json", irn_root="irn/result", irn_sem_seg="segmentation/data/sem_seg",
                  irn_score="irn/result/score", irn_mask="segmentation/data/mask_irn",
                  irn_weights="irn/sess/res50_irn.pth", irn_eval_json=f"{exp}/eval_irn.json",
@@ -229,7 +233,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                   "--lr", str(t.lr), "--workers", str(cfg.workers), "--val_epochs", "none"] + dev
     else:
         train += dev
-    steps.append(Step("train", "stage1", train, outputs=[p.ckpt], resume_args=["--resume"],
+    steps.append(Step("train", "stage1", train, outputs=[p.ckpt, p.train_done], resume_args=["--resume"],
                       resume_if=f"{cfg.exp_dir}/ckpt/last.pth", title="train the stage-one network"))
     infer = ["python", "infer.py", "--name", cfg.name, "--model", "ktse", "--load_epo", str(p.load_epo), "--dict",
              "--infer_list", aug_list]
