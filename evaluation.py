@@ -20,6 +20,7 @@ from pathlib import Path
 from models.seed_eval import REFERENCE_THRESHOLDS, TASKS, evaluate, plot_result
 from tools.errors import WSSSError
 from tools.io import atomic_write_json
+from voc12.lists import read_id_list
 
 DEFAULT_VOC_ROOT = "data/VOC2012"  # same value as voc12.data.DEFAULT_VOC_ROOT (not imported: no torch here)
 
@@ -73,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     list_path = resolve_list(args.list, args.data_root)
     gt_dir = Path(args.gt_dir) if args.gt_dir else Path(args.data_root) / "SegmentationClass"
     try:
-        from voc12.data import read_id_list  # noqa: PLC0415 - imported late: it pulls in torch
-
         ids = read_id_list(list_path)
         if not pred_dir.is_dir():
             from tools.errors import MissingFileError
