@@ -5,7 +5,6 @@ confidence masks (``mask_irn/<id>.png``) are read here because only this stage r
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -45,30 +44,13 @@ def read_confidence_mask(path: os.PathLike | str) -> np.ndarray:
 
 def random_resized_crop_params(height: int, width: int, scale: Sequence[float],
                                ratio: Sequence[float]) -> tuple[int, int, int, int]:
-    """torchvision's ``RandomResizedCrop.get_params`` (same torch RNG draws, same result), written out so
-    that the stage does not import torchvision (whose import drags in torch._dynamo: seconds per process).
-    Returns ``(top, left, h, w)``."""
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            i = torch.randint(0, height - h + 1, size=(1,)).item()
-            j = torch.randint(0, width - w + 1, size=(1,)).item()
-            return i, j, h, w
-    in_ratio = float(width) / float(height)  # fallback: centre crop
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    """Crop box of torchvision's ``RandomResizedCrop`` (its own ``get_params``, torch RNG) for an image of
+    ``height`` x ``width``. Returns ``(top, left, h, w)``. torchvision is imported on first use only."""
+    from torchvision.transforms import RandomResizedCrop
+
+    probe = torch.empty(1, int(height), int(width))  # get_params only reads the spatial size
+    i, j, h, w = RandomResizedCrop.get_params(probe, list(scale), list(ratio))
+    return int(i), int(j), int(h), int(w)
 
 
 def _resized_crop(img: Image.Image, t: int, l: int, h: int, w: int, size: int, resample: int) -> Image.Image:
