@@ -14,6 +14,7 @@ working directory.  Every step skips outputs that already exist (``--overwrite``
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,13 @@ from tools.misc import Timer, str2bool  # noqa: E402
 
 SEM_SEG_DIR = REPO_ROOT / "segmentation" / "data" / "sem_seg"
 MASK_DIR = REPO_ROOT / "segmentation" / "data" / "mask_irn"
+
+
+#: The reference's execution order: (switch, step module under irn/steps/).
+STEP_ORDER: tuple[tuple[str, str], ...] = (
+    ("make_cam_pass", "make_cam"), ("eval_cam_pass", "eval_cam"), ("cam_to_ir_label_pass", "cam_to_ir_label"),
+    ("train_irn_pass", "train_irn"), ("make_sem_seg_pass", "make_sem_seg_labels"), ("eval_sem_seg_pass", "eval_sem_seg"),
+)
 
 
 def _scales(s: str) -> tuple[float, ...]:
@@ -137,30 +145,11 @@ def run(args: argparse.Namespace) -> None:
     for d in (args.cam_out_dir, args.ir_label_out_dir, args.sem_seg_out_dir, args.score_dir):
         Path(d).mkdir(parents=True, exist_ok=True)
     Path(args.irn_weights_name).parent.mkdir(parents=True, exist_ok=True)
-    if args.make_cam_pass:
-        import irn.steps.make_cam as m
-        with Timer("make_cam"):
-            m.run(args)
-    if args.eval_cam_pass:
-        import irn.steps.eval_cam as m
-        with Timer("eval_cam"):
-            m.run(args)
-    if args.cam_to_ir_label_pass:
-        import irn.steps.cam_to_ir_label as m
-        with Timer("cam_to_ir_label"):
-            m.run(args)
-    if args.train_irn_pass:
-        import irn.steps.train_irn as m
-        with Timer("train_irn"):
-            m.run(args)
-    if args.make_sem_seg_pass:
-        import irn.steps.make_sem_seg_labels as m
-        with Timer("make_sem_seg_labels"):
-            m.run(args)
-    if args.eval_sem_seg_pass:
-        import irn.steps.eval_sem_seg as m
-        with Timer("eval_sem_seg"):
-            m.run(args)
+    for flag, step in STEP_ORDER:
+        if getattr(args, flag):
+            module = importlib.import_module(f"irn.steps.{step}")
+            with Timer(step):
+                module.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,3 +39,14 @@ def toy_voc(tmp_path_factory) -> Path:
     toy.generate(root, n_train=12, n_val=6, max_size=96, seed=0)
     prepare.prepare(root, out_dir=root / "lists")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest, and steadiest on a shared machine, on one torch thread."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

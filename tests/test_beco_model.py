@@ -21,13 +21,6 @@ from tools.metrics import confusion_matrix, present_class_scores, scores
 ST2 = REFERENCE / "stage2"
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight a busy runner's other jobs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel_err(a, b) -> float:

@@ -180,13 +180,6 @@ def test_overlays_and_post_processing_from_saved_dicts(small_run, monkeypatch, c
             assert Image.open(p).size == (640, 480)
 
 
-@pytest.fixture
-def one_thread():
-    """Small convolutions run fastest (and steadiest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_msf_cam_batched_equals_loop_and_label_masking(one_thread):

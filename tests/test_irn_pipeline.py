@@ -24,8 +24,9 @@ def _args(root: Path, out: Path, ckpt: Path, train_list: Path, *extra: str) -> l
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: one thread is faster, and far faster on a shared, oversubscribed CI box."""
+def _one_thread_module():
+    """Tiny convolutions: one thread is faster, and far faster on a shared, oversubscribed CI box
+    (module-scoped twin of conftest's ``one_thread``, for the module-scoped fixtures here)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -26,14 +26,6 @@ def _args(toy_voc: Path, exp: Path, name: str, *extra: str) -> list[str]:
             "--safe_ce", "true", *extra]
 
 
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_train_saves_reference_checkpoints_and_validates(toy_voc: Path, tmp_path: Path, one_thread) -> None:
     rc = train.main(_args(toy_voc, tmp_path, "run", "--max_epochs", "2", "--val_epochs", "last",
                           "--val_limit", "2"))
