@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.errors import DataError, WSSSError
+from tools.errors import DataError, WSSSError, run_cli
 
 DEFAULT_INIT = "pretrained/ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
 #: epochs (0-based) after which the reference runs its CAM validation
@@ -487,13 +487,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        train(args)
-    except WSSSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(train, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

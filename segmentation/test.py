@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:  # the seed command runs `python test.py` from seg
 
 import numpy as np  # noqa: E402
 
-from tools.errors import MissingFileError, WSSSError, require_dir, require_file  # noqa: E402
+from tools.errors import MissingFileError, require_dir, require_file, run_cli  # noqa: E402
 from tools.imutils import read_label_png, write_label_png  # noqa: E402
 from tools.io import atomic_write_json  # noqa: E402
 from tools.metrics import confusion_matrix, present_class_scores, scores  # noqa: E402
@@ -186,12 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(build_parser().parse_args(argv))
-    except WSSSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

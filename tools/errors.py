@@ -45,3 +45,16 @@ def require_dir(path: os.PathLike | str, what: str, hint: str = "") -> Path:
     if not p.is_dir():
         raise MissingFileError(_message(p, what, hint, "a folder"))
     return p
+
+
+def run_cli(fn, args) -> int:
+    """Run ``fn(args)`` for a command-line entry point: a :class:`WSSSError` becomes one
+    ``error: ...`` line on stderr and exit status 2 (no traceback for user-fixable problems)."""
+    import sys
+
+    try:
+        fn(args)
+    except WSSSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
