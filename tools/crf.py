@@ -29,6 +29,12 @@ def crf_available() -> bool:
         return False
 
 
+def require_crf() -> None:
+    """Raise :class:`CRFUnavailableError` (with the install command) unless pydensecrf imports.
+    Call it before starting a long CRF job so it fails at once, not in a worker."""
+    _modules()
+
+
 def _modules():
     try:
         import pydensecrf.densecrf as dcrf

@@ -61,10 +61,9 @@ def run(args: Any) -> None:
     print(f"cam_to_ir_label: {len(todo)} of {len(ids)} images to do -> {args.ir_label_out_dir}")
     if not todo:
         return
-    from tools.crf import crf_available, _modules
+    from tools.crf import require_crf
 
-    if not crf_available():
-        _modules()  # raises CRFUnavailableError with the install instructions
+    require_crf()
     Path(args.ir_label_out_dir).mkdir(parents=True, exist_ok=True)
     jobs = [(n, str(args.voc12_root), str(args.cam_out_dir), str(args.ir_label_out_dir),
              float(args.conf_fg_thres), float(args.conf_bg_thres)) for n in todo]
