@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from irn.path_index import PathIndex, affinity_labels
 from tools.imutils import normalize_imagenet, pil_resize, read_label_png
-from voc12.data import hwc_to_chw, load_image, random_crop_pad
+from voc12.data import EpochSeededDataset, hwc_to_chw, load_image, random_crop_pad
 
 IGNORE = 255
 
@@ -44,7 +44,7 @@ def top_left_crop(img: np.ndarray, crop: int, fill: float = 0) -> np.ndarray:
     return out
 
 
-class AffinityDataset(Dataset):
+class AffinityDataset(EpochSeededDataset):
     """train_irn samples: ``img`` (3, crop, crop) float32, ``aff_bg_pos_label`` / ``aff_fg_pos_label``
     / ``aff_neg_label`` (n_dirs, n_src) float32 for ``path_index`` on the (crop/4)² grid.
 
@@ -66,14 +66,8 @@ class AffinityDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def __getitem__(self, idx: int) -> dict:
-        rng = random.Random(hash((self.seed, self.epoch, int(idx))))
+        rng = self.item_rng(idx)
         name = self.ids[idx]
         img = load_image(self.voc_root, name)
         label = read_label_png(self.label_dir / f"{name}.png")

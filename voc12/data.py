@@ -63,7 +63,27 @@ def random_crop_pad(arrays: Sequence[np.ndarray], crop: int, rng: random.Random)
     return out
 
 
-class ClsPairDataset(Dataset):
+class EpochSeededDataset(Dataset):
+    """Base of the training datasets whose augmentation draws come from a per-item ``random.Random``
+    seeded by ``(seed, epoch, index)``: reproducible whatever the number of DataLoader workers.
+    Subclasses set ``self.ids`` and call :meth:`item_rng`; the trainer calls :meth:`set_epoch`."""
+
+    ids: list
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def item_rng(self, idx: int) -> random.Random:
+        # hash() of a tuple of ints is not randomised per process (only str/bytes hashes are)
+        return random.Random(hash((self.seed, self.epoch, int(idx))))
+
+
+class ClsPairDataset(EpochSeededDataset):
     """Stage-one training set: each item is an image and a partner that shares one of its classes.
 
     Item dict: ``img_a``/``img_a2`` (3, crop, crop) float32 normalised (zero = mean colour outside the
@@ -91,12 +111,6 @@ class ClsPairDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def _transform(self, img: np.ndarray, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
         img = random_resize_long(img, rng, *self.resize)
         if rng.random() < 0.5:
@@ -111,7 +125,7 @@ class ClsPairDataset(Dataset):
         return int(rng.choice(list(self.class_members[c])))
 
     def __getitem__(self, idx: int) -> dict:
-        rng = random.Random(hash((self.seed, self.epoch, int(idx))))
+        rng = self.item_rng(idx)
         idx2 = self.partner_index(idx, rng)
         out = {}
         for i, sfx in ((idx, ""), (idx2, "2")):
