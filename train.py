@@ -284,7 +284,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from tools import dist
     from tools.checkpoint import load_torch_file
     from tools.logging_utils import TBWriter, setup_logger
-    from tools.misc import get_device, seed_everything
+    from tools.misc import backward_step, get_device, seed_everything
     from voc12.data import ClsPairDataset, check_voc_root, load_cls_labels, read_id_list
 
     # From-scratch runs (--init none) are outside what the reference does (it always starts from
@@ -438,13 +438,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 raise WSSSError(f"non-finite loss at epoch {epo}, step {global_step} (terms: {', '.join(bad)}). "
                                 "A batch whose pseudo labels hold no background pixel gives a NaN cross-entropy "
                                 "(reference behaviour); rerun with --safe_ce true to count it as 0.")
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            backward_step(loss, opt, scaler)
             global_step += 1
             vals = {k: float(out[k]) for k in REF_LOG + EXTRA_LOG}
             means.add(vals)

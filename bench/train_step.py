@@ -32,6 +32,7 @@ def one(width: float, phase: str, batch: int, crop: int, steps: int, warmup: int
 
     from models.ktse import KTSEConfig, KTSEStep, build_optimizer
     from models.resnet38d import Net_gpp
+    from tools.misc import backward_step
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -59,13 +60,7 @@ def one(width: float, phase: str, batch: int, crop: int, steps: int, warmup: int
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device_type=dev.type, dtype=dtype, enabled=amp):
             out = step(img, img2, y, y2, epo)
-        if scaler is not None:
-            scaler.scale(out["loss"]).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            out["loss"].backward()
-            opt.step()
+        backward_step(out["loss"], opt, scaler)
 
     for _ in range(warmup):
         run()

@@ -44,7 +44,7 @@ from tools.errors import MissingFileError, WSSSError  # noqa: E402
 from tools.io import atomic_save_npy, atomic_torch_save, atomic_write_json  # noqa: E402
 from tools.logging_utils import TBWriter, setup_logger  # noqa: E402
 from tools.metrics import confusion_matrix, present_class_scores  # noqa: E402
-from tools.misc import get_device, poly_lr, str2bool  # noqa: E402
+from tools.misc import backward_step, get_device, poly_lr, str2bool  # noqa: E402
 from voc12.data import read_id_list  # noqa: E402
 
 DEFAULT_CONFIG = SEG_DIR / "configs" / "beco_deeplabv2_voc.json"
@@ -303,13 +303,7 @@ def train_step(model: BECO, optimizer: torch.optim.Optimizer, img: torch.Tensor,
     """One optimisation step on a batch (one backward through both nets, one optimizer step)."""
     losses = model.train_step(img, label, mask, autocast())
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(losses["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        losses["loss"].backward()
-        optimizer.step()
+    backward_step(losses["loss"], optimizer, scaler)
     return losses
 
 

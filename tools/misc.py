@@ -60,3 +60,15 @@ def Timer(name: str, printer=print) -> Iterator[None]:
         yield
     finally:
         printer(f"step: {name} done in {time.perf_counter() - t0:.1f}s")
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> None:
+    """Backward and optimizer step, through a ``torch.amp.GradScaler`` when one is given (fp16 AMP).
+    The caller zeroes the gradients before its forward."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
