@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Evaluate %s with %s" % (display_path(pred_dir), display_path(list_path)), flush=True)
         t0 = time.perf_counter()
         res = evaluate(args.task, ids, pred_dir, gt_dir, REFERENCE_THRESHOLDS, args.workers,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, retain_memory=True)
         seconds = time.perf_counter() - t0
     except WSSSError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,6 +29,7 @@ import numpy as np
 
 from tools.errors import DataError, require_file
 from tools.imutils import CAT_NAMES_BG, read_label_png
+from tools.malloc import retain_freed_memory
 from tools.metrics import confusion_matrix, iou_from_confusion, scores
 
 NUM_CLASSES = 21  # background + 20 VOC classes
@@ -136,49 +137,41 @@ def thresholds_f32(thresholds: Sequence[float]) -> np.ndarray:
     return th
 
 
-_LITTLE = np.little_endian
 _K_STRIDE = (NUM_CLASSES + 1) * NUM_CLASSES  # index stride of one threshold step: 22 gt rows x 21 labels
-
-
-def _gt_rows(f0: int) -> np.ndarray:
-    """LUT over gt values: ``row * 21 + f0`` where gt 0..20 keep their row and every other value
-    (255 = ignore) goes to a dump row 21 that is dropped afterwards (no boolean-mask copies)."""
-    rows = np.full(256, NUM_CLASSES, np.uint16)
-    rows[:NUM_CLASSES] = np.arange(NUM_CLASSES, dtype=np.uint16)
-    return rows * np.uint16(NUM_CLASSES) + np.uint16(f0)
-
-
-_GT_ROWS = [_gt_rows(f0) for f0 in range(NUM_CLASSES)]
-
-
+#: gt -> row for the rare maps holding values 21..254 (row 0 = dropped; gt 0..20 -> rows 1..21).
+_GT_ROWS = np.zeros(256, np.uint16)
+_GT_ROWS[:NUM_CLASSES] = np.arange(1, NUM_CLASSES + 1, dtype=np.uint16) * NUM_CLASSES
 _LUT_SIZE = 65536
 _CHUNK = 1 << 18  # pixels per pass (a VOC image is one chunk; bounds the scratch memory for large images)
 
 
 @functools.lru_cache(maxsize=16)
-def _k_lut(th_bytes: bytes) -> tuple[int, int, int, np.ndarray] | None:
+def _k_lut(th_bytes: bytes) -> tuple[np.int32, np.int32, np.ndarray] | None:
     """Bucket table for ``k = #{thresholds < m}`` on float32 bit patterns.
 
-    For positive floats the int32 view is monotonic in the value. The bits are clipped to
-    ``[lo, hi]`` around the threshold range and shifted right by ``shift`` into 65,536 buckets; the
-    table (uint16) holds ``k * 462`` where every float of the bucket (and, for the end buckets, every
+    For positive floats the int32 view is monotonic in the value. A pixel's bucket is
+    ``(bits >> shift) - base``, clipped to ``[0, 65535]`` by ``np.take(mode='clip')`` (negative floats,
+    zeros and tiny values land in bucket 0; large values, infinities and NaN in the last bucket). The
+    uint16 table holds ``k * 462`` where every float of the bucket (and, for the end buckets, every
     clipped float) has the same k, and the spare slot ``(T + 1) * 462`` where a threshold lies inside the
     bucket. Pixels landing in the spare slot are re-decided exactly with a binary search on their true
-    value, so the result is exact whatever the bucket layout. Returns ``(lo, hi, shift, table)``, or
-    None (use the binary search everywhere) when a threshold is not a positive finite float or there
-    are more than 139 thresholds.
+    value, so the result is exact whatever the bucket layout. Returns ``(shift, base, table)``, or None
+    (use the binary search everywhere) when a threshold is not a positive finite float or there are
+    more than 139 thresholds.
     """
     th = np.frombuffer(th_bytes, np.float32)
     if not (np.all(np.isfinite(th)) and th[0] > 0):
         return None
+    if (th.size + 2) * _K_STRIDE > 65535:  # the joint index would not fit in uint16
+        return None
     bits = th.view(np.int32).astype(np.int64)
     span = int(bits[-1] - bits[0]) + 4
-    shift = max(0, int(np.ceil(np.log2(span / (_LUT_SIZE - 8)))))
-    lo = int(bits[0]) - (2 << shift)
-    hi = lo + (_LUT_SIZE << shift) - 1
-    if hi >= 2**31:  # thresholds near the top of the float32 range: no room for the table
+    # shift >= 1 keeps ``(bits >> shift) - base`` inside int32 for negative floats too
+    shift = max(1, int(np.ceil(np.log2(span / (_LUT_SIZE - 8)))))
+    base = (int(bits[0]) >> shift) - 2
+    start = (base + np.arange(_LUT_SIZE, dtype=np.int64)) << shift
+    if start[-1] + (1 << shift) > 2**31:  # thresholds near the top of the float32 range: no room
         return None
-    start = lo + (np.arange(_LUT_SIZE, dtype=np.int64) << shift)
     ends = [start.astype(np.int32).view(np.float32), (start + (1 << shift) - 1).astype(np.int32).view(np.float32)]
     k_a, k_b = (np.searchsorted(th, e, side="left") for e in ends)
     k = np.where(k_a == k_b, k_a, th.size + 1)
@@ -186,9 +179,7 @@ def _k_lut(th_bytes: bytes) -> tuple[int, int, int, np.ndarray] | None:
     # infinities, NaN (k = T, as the binary search ranks NaN last)
     k[0] = 0 if k_b[0] == 0 else th.size + 1
     k[-1] = th.size if k_a[-1] == th.size else th.size + 1
-    if (th.size + 2) * _K_STRIDE > 65535:  # the joint index would not fit in uint16
-        return None
-    return lo, hi, shift, (k * _K_STRIDE).astype(np.uint16)  # 128 KB: stays in cache
+    return np.int32(shift), np.int32(base), (k * _K_STRIDE).astype(np.uint16)  # 128 KB: stays in cache
 
 
 def threshold_index(m: np.ndarray, th32: np.ndarray) -> np.ndarray:
@@ -207,6 +198,21 @@ def _buffer(name: str, n: int, dtype: type = np.intp) -> np.ndarray:
     return a[:n]
 
 
+def _add_gt_rows(idx: np.ndarray, gt: np.ndarray) -> None:
+    """``idx += row(gt) * 21`` in place: gt 0..20 -> rows 1..21, anything else (255) -> row 0.
+
+    VOC maps hold only 0..20 and 255, so ``gt + 1`` (uint8, 255 wraps to 0) is the row: two SIMD
+    passes instead of a table gather. Maps with other values take the gather.
+    """
+    g = _buffer("g", gt.size, np.uint8)
+    np.add(gt, np.uint8(1), out=g)
+    if int(g.max(initial=0)) > NUM_CLASSES:
+        np.take(_GT_ROWS, gt, out=_buffer("rows", gt.size, idx.dtype))
+        idx += _buffer("rows", gt.size, idx.dtype)
+        return
+    rows = _buffer("rows", gt.size, idx.dtype)
+    np.multiply(g, idx.dtype.type(NUM_CLASSES), out=rows, casting="unsafe")
+    idx += rows
 
 
 def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.ndarray) -> np.ndarray:
@@ -216,10 +222,10 @@ def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.nd
     gt: ``(H, W)`` uint8 with 255 = ignore (only gt 0..20 is counted). Feed to :func:`sweep_confusions`.
 
     Speed: k comes from a 64k-entry bucket table on the float32 bits (:func:`_k_lut`; exact, with a
-    binary search for the rare pixels whose bucket holds a threshold), the joint index is assembled
-    with ``np.take`` look-ups into reused scratch buffers and one ``np.bincount`` counts it: a handful
-    of passes per image instead of the reference's 20 argmaxes and 1,260 masked sums. Not
-    thread-safe (per-process scratch buffers); use processes for parallelism.
+    binary search for the rare pixels whose bucket holds a threshold). The joint uint16 index
+    ``k * 462 + row(gt) * 21 + f`` is assembled in reused scratch buffers and one ``np.bincount``
+    counts it: a handful of passes per image instead of the reference's 20 argmaxes and 1,260 masked
+    sums. Not thread-safe (per-process scratch buffers); use processes for parallelism.
     """
     n, t = NUM_CLASSES, th32.size
     mf = np.ascontiguousarray(m, np.float32).reshape(-1)
@@ -228,31 +234,30 @@ def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.nd
     spec = _k_lut(th32.tobytes())
     # uint16 joint index (a quarter of the memory traffic of intp) whenever the table applies
     dt = np.uint16 if spec is not None else np.intp
-    rows_lut = _GT_ROWS[0 if fa is not None else int(f)].astype(dt, copy=False)
     slots = t + 2
     total = np.zeros(slots * _K_STRIDE, np.int64)
     amb_fixed = []
     for s in range(0, mf.size, _CHUNK):
         e = min(mf.size, s + _CHUNK)
         idx = _buffer("idx", e - s, dt)
-        if spec is None:
-            np.multiply(threshold_index(mf[s:e], th32), _K_STRIDE, out=idx)
-        else:
-            lo, hi, shift, lut = spec
+        amb = None
+        if spec is not None:
+            shift, base, lut = spec
             b = _buffer("bucket", e - s, np.int32)
-            np.maximum(mf[s:e].view(np.int32), lo, out=b)  # (np.clip's Python wrapper costs more)
-            np.minimum(b, hi, out=b)
-            b -= lo
-            b >>= shift
-            np.take(lut, b, mode="wrap", out=idx)
-        rows = _buffer("rows", e - s, dt)
-        np.take(rows_lut, gt[s:e], mode="wrap", out=rows)
-        idx += rows
+            np.right_shift(mf[s:e].view(np.int32), shift, out=b)  # shift first: no int32 overflow
+            b -= base
+            np.take(lut, b, mode="clip", out=idx)
+        else:
+            np.multiply(threshold_index(mf[s:e], th32), _K_STRIDE, out=idx)
+        _add_gt_rows(idx, gt[s:e])
         if fa is not None:
-            idx += fa[s:e]
+            np.add(idx, fa[s:e], out=idx, casting="unsafe")
+        else:
+            idx += dt(int(f))
         c = np.bincount(idx, minlength=slots * _K_STRIDE)
-        if c[(t + 1) * _K_STRIDE:].any():  # pixels whose bucket holds a threshold: decide them exactly
+        if spec is not None and c[(t + 1) * _K_STRIDE:].any():
             amb = np.flatnonzero(idx >= (t + 1) * _K_STRIDE)
+        if amb is not None:  # pixels whose bucket holds a threshold: decide them exactly
             fixed = idx[amb].astype(np.int64) - (t + 1) * _K_STRIDE
             fixed += threshold_index(mf[s:e][amb], th32) * _K_STRIDE
             amb_fixed.append(fixed)
@@ -260,7 +265,7 @@ def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.nd
     total = total.reshape(slots, n + 1, n)[: t + 1]
     for fixed in amb_fixed:
         total += np.bincount(fixed, minlength=(t + 1) * _K_STRIDE).reshape(t + 1, n + 1, n)
-    return total[:, :n, :]
+    return total[:, 1:, :]
 
 
 def sweep_confusions(counts: np.ndarray) -> np.ndarray:
@@ -449,8 +454,12 @@ def _pool_context() -> mp.context.BaseContext:
 
 def accumulate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_dir: os.PathLike | str,
                thresholds: Sequence[float] = REFERENCE_THRESHOLDS, workers: int | None = None,
-               progress: bool = True, chunk: int = 16) -> np.ndarray:
+               progress: bool = True, chunk: int = 16, retain_memory: bool = False) -> np.ndarray:
     """Sum of the per-image counts over ``ids`` (parallel over images when ``workers > 1``).
+
+    Worker processes keep their freed heap (:func:`tools.malloc.retain_freed_memory`: no page faults
+    on every image's fresh arrays); ``retain_memory`` does the same for this process when it scores
+    in-process (``workers == 1``), for single-purpose CLIs such as ``evaluation.py``.
 
     Returns ``(T+1, 21, 21)`` sweep counts for ``task='cam'``, else a ``(21, 21)`` confusion matrix.
     """
@@ -470,12 +479,14 @@ def accumulate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_di
         bar = tqdm(total=len(ids), desc=f"eval {task}", unit="img", leave=False, dynamic_ncols=True)
     try:
         if workers == 1:
+            if retain_memory:
+                retain_freed_memory()
             for c in chunks:
                 total += _work((job, c))
                 if bar is not None:
                     bar.update(len(c))
         else:
-            with _pool_context().Pool(workers) as pool:
+            with _pool_context().Pool(workers, initializer=retain_freed_memory) as pool:
                 for c, res in zip(chunks, pool.imap(_work, [(job, c) for c in chunks])):
                     total += res
                     if bar is not None:
@@ -488,9 +499,10 @@ def accumulate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_di
 
 def evaluate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_dir: os.PathLike | str,
              thresholds: Sequence[float] = REFERENCE_THRESHOLDS, workers: int | None = None,
-             progress: bool = True) -> SweepResult:
-    """Score ``ids``: the threshold sweep for ``task='cam'``, a single pass for crf/dl/png."""
-    counts = accumulate(task, ids, pred_dir, gt_dir, thresholds, workers, progress)
+             progress: bool = True, retain_memory: bool = False) -> SweepResult:
+    """Score ``ids``: the threshold sweep for ``task='cam'``, a single pass for crf/dl/png
+    (``retain_memory``: see :func:`accumulate`)."""
+    counts = accumulate(task, ids, pred_dir, gt_dir, thresholds, workers, progress, retain_memory=retain_memory)
     if task == "cam":
         return SweepResult(task, list(ids), [float(t) for t in thresholds], sweep_confusions(counts))
     return SweepResult(task, list(ids), [], counts[None])

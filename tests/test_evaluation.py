@@ -121,7 +121,7 @@ def test_one_pass_sweep_equals_per_threshold_argmax(thresholds):
 
 @pytest.mark.parametrize("thresholds", [REFERENCE_THRESHOLDS, (0.001, 0.5, 0.9), (1e-30, 1.0), (0.2,),
                                         tuple(np.linspace(0.05, 0.95, 100))])
-def test_sweep_counts_exact_on_adversarial_values(thresholds):
+def test_sweep_counts_exact_on_adversarial_values(thresholds, monkeypatch):
     """The bucket table + binary-search fallback equals a plain float32 binary search everywhere:
     values on, just above and just below every threshold, 0.01-quantised values, negatives, 0, -0,
     denormals, inf, NaN, and every gt value including 255."""
@@ -139,6 +139,18 @@ def test_sweep_counts_exact_on_adversarial_values(thresholds):
     ref = np.bincount(((k * 21 + gt.astype(np.int64)) * 21 + f)[valid],
                       minlength=(th32.size + 1) * 441).reshape(th32.size + 1, 21, 21)
     np.testing.assert_array_equal(seed_eval.sweep_counts(m, f, gt, th32), ref)
+    # both k paths are exercised: the bucket table and the plain binary search
+    assert seed_eval._k_lut(th32.tobytes()) is not None
+    monkeypatch.setattr(seed_eval, "_k_lut", lambda _b: None)
+    np.testing.assert_array_equal(seed_eval.sweep_counts(m, f, gt, th32), ref)
+    monkeypatch.undo()
+    # maps with values 21..254 (not VOC, but possible) take the gather path; those pixels are dropped
+    gt_odd = gt.copy()
+    gt_odd[::7] = 77
+    valid = gt_odd < 21
+    ref_odd = np.bincount(((k * 21 + gt_odd.astype(np.int64)) * 21 + f)[valid],
+                          minlength=(th32.size + 1) * 441).reshape(th32.size + 1, 21, 21)
+    np.testing.assert_array_equal(seed_eval.sweep_counts(m, f, gt_odd, th32), ref_odd)
 
 
 def test_single_pass_tasks_crf_and_png(tmp_path, capsys, monkeypatch):
