@@ -188,6 +188,23 @@ def test_toy_is_deterministic_and_consistent(tmp_path: Path) -> None:
         assert img.shape[:2] == mask.shape and max(mask.shape) <= 80
 
 
+def test_toy_class_subset(tmp_path: Path) -> None:
+    """``--classes N``: objects only from the first N classes, in masks and XML; recorded in the meta."""
+    s = toy.generate(tmp_path / "t", n_train=12, n_val=2, max_size=64, seed=1, n_classes=3)
+    assert s["classes"] == 3 and toy.existing_toy(tmp_path / "t")["classes"] == 3
+    seen = set()
+    for i in toy.toy_ids(12, 2)[0]:
+        mask = data.load_gt(tmp_path / "t", i)
+        fg = set(np.unique(mask).tolist()) - {0, 255}
+        assert fg and fg <= {1, 2, 3}
+        np.testing.assert_array_equal(prepare.labels_from_mask(mask),
+                                      prepare.labels_from_xml(tmp_path / "t" / "Annotations" / f"{i}.xml"))
+        seen |= fg
+    assert seen == {1, 2, 3}
+    with pytest.raises(ValueError, match="n_classes"):
+        toy.generate(tmp_path / "u", n_train=1, n_val=1, max_size=64, n_classes=0)
+
+
 def test_toy_cli_and_prepare_cli(tmp_path: Path) -> None:
     out = tmp_path / "toy"
     r = subprocess.run([sys.executable, "-m", "voc12.toy", "--out", str(out), "--n_train", "3", "--n_val", "2",

@@ -260,11 +260,11 @@ def test_toy_pipeline_tiny_end_to_end(tmp_path: Path) -> None:
         base = summary["baselines"]
         for stage in ("stage one (KTSE+)", "IRN", "BECO", "BECO + CRF"):
             assert rows[stage]["miou"] is not None and 0 <= rows[stage]["miou"] <= 100, (stage, r.stdout[-3000:])
-        # Seeds and pseudo-labels beat the all-background baseline even at this size. BECO is only
-        # checked to run: 24 training images of 20 classes and a few epochs do not train a segmenter
-        # (the small preset, python run_pipeline.py --preset toy, is where its numbers mean something).
-        for stage in ("stage one (KTSE+)", "IRN"):
-            assert rows[stage]["miou"] > base["train"]["all_background"], (stage, rows[stage], base["train"])
+        # every stage beats the all-background baseline of its split (21-class means throughout; the
+        # tiny preset's figures are deterministic on one machine: 8.8 / 7.3 / 6.6 / 7.4 % against 3.5 %)
+        for stage, split in (("stage one (KTSE+)", "train"), ("IRN", "train"), ("BECO", "val"), ("BECO + CRF", "val")):
+            assert rows[stage]["split"] == split
+            assert rows[stage]["miou"] > 1.3 * base[split]["all_background"], (stage, rows[stage], base[split])
         cfg = default_config("toy", name, os.path.relpath(data, ROOT), "tiny")
         for step in build_steps(cfg):
             assert not step.missing_outputs(ROOT), step.name

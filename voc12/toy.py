@@ -101,12 +101,15 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
-def render_image(rng: np.random.Generator, h: int, w: int, n_obj: int) -> tuple[np.ndarray, np.ndarray, list]:
+def render_image(rng: np.random.Generator, h: int, w: int, n_obj: int,
+                 n_classes: int = 20) -> tuple[np.ndarray, np.ndarray, list]:
     """One image: ``(H, W, 3)`` uint8, ``(H, W)`` uint8 mask (0, 1..20, 255 borders), objects list
-    ``[(class_idx, (xmin, ymin, xmax, ymax))]`` of the visible objects."""
+    ``[(class_idx, (xmin, ymin, xmax, ymax))]`` of the visible objects. Objects are drawn from the
+    class indices ``0 .. n_classes - 1``."""
     img = _background(rng, h, w)
     inst = np.full((h, w), -1, dtype=np.int32)
-    classes = rng.choice(20, size=n_obj, replace=bool(rng.random() < 0.15))
+    n_obj = min(n_obj, n_classes)
+    classes = rng.choice(n_classes, size=n_obj, replace=bool(rng.random() < 0.15))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     objs = []
     for k, c in enumerate(classes):
@@ -172,8 +175,13 @@ def toy_ids(n_train: int, n_val: int) -> tuple[list[str], list[str]]:
 
 
 def generate(out: os.PathLike | str, n_train: int = 200, n_val: int = 60, max_size: int = 500,
-             min_size: int | None = None, seed: int = 0, quiet: bool = True) -> dict:
+             min_size: int | None = None, seed: int = 0, quiet: bool = True, n_classes: int = 20) -> dict:
     """Write the toy VOC tree under ``out``; deterministic for a given (arguments, seed).
+
+    ``n_classes`` < 20 draws objects from the first ``n_classes`` VOC classes only (distinct shapes and
+    hues up to 10): fewer classes to learn, so the tiny CPU budgets of the pipeline's toy presets
+    train every stage; the others are simply absent (IoU 0 in the 21-class mean, as for any class
+    missing from a split).
 
     Image sides are drawn in ``[min_size, max_size]`` (default ``min_size = 0.6 * max_size``), the long
     side mostly ``max_size`` like VOC's 500. Existing files with the same name are overwritten
@@ -181,6 +189,8 @@ def generate(out: os.PathLike | str, n_train: int = 200, n_val: int = 60, max_si
     """
     out = Path(out)
     min_size = int(min_size or round(max_size * 0.6))
+    if not 1 <= n_classes <= 20:
+        raise ValueError(f"n_classes must be in 1..20, got {n_classes}")
     train_ids, val_ids = toy_ids(n_train, n_val)
     for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "Annotations", "ImageSets/Segmentation"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -199,7 +209,7 @@ def generate(out: os.PathLike | str, n_train: int = 200, n_val: int = 60, max_si
         h, w = (long_side, short_side) if rng.random() < 0.3 else (short_side, long_side)
         n_obj = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
         for _ in range(10):
-            img, label, objs = render_image(rng, h, w, n_obj)
+            img, label, objs = render_image(rng, h, w, n_obj, n_classes)
             if objs:
                 break
         with atomic_path(out / "JPEGImages" / f"{img_id}.jpg") as tmp:
@@ -214,7 +224,7 @@ def generate(out: os.PathLike | str, n_train: int = 200, n_val: int = 60, max_si
     atomic_write_text(seg / "train.txt", "\n".join(train_ids) + "\n")
     atomic_write_text(seg / "val.txt", "\n".join(val_ids) + "\n")
     atomic_write_text(seg / "trainval.txt", "\n".join(train_ids + val_ids) + "\n")
-    summary = {"n_train": n_train, "n_val": n_val, "size": [min_size, max_size], "seed": seed,
+    summary = {"n_train": n_train, "n_val": n_val, "size": [min_size, max_size], "seed": seed, "classes": n_classes,
                "images_per_class": dict(zip(VOC_CLASSES, hist.tolist())),
                "classes_per_image": {str(k): int(n_cls[k]) for k in (1, 2, 3)}}
     # Written last: its presence (with matching arguments) tells a pipeline the set is complete.
@@ -240,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_size", type=int, default=500, help="long image side in px (VOC: 500)")
     ap.add_argument("--min_size", type=int, default=None, help="smallest side (default 0.6 * max_size)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--classes", type=int, default=20,
+                    help="draw objects from the first N VOC classes only (the pipeline's toy presets use fewer)")
     a = ap.parse_args(argv)
-    s = generate(a.out, a.n_train, a.n_val, a.max_size, a.min_size, a.seed, quiet=False)
+    s = generate(a.out, a.n_train, a.n_val, a.max_size, a.min_size, a.seed, quiet=False, n_classes=a.classes)
     print(f"toy VOC set at {s['root']}: {s['n_train']} train + {s['n_val']} val images, sides {s['size'][0]}-{s['size'][1]} px")
     print("classes per image: " + ", ".join(f"{k}: {v}" for k, v in s["classes_per_image"].items()))
     print("images per class: " + ", ".join(f"{k} {v}" for k, v in s["images_per_class"].items()))
