@@ -415,9 +415,10 @@ def write_report(inp: ReportInputs) -> Path:
     fig_dir.mkdir(parents=True, exist_ok=True)
     md = [f"# Pipeline report: `{inp.name}`" + (f" (preset `{inp.preset}`)" if inp.preset else ""), ""]
     md += ["## Stages", "", markdown_table(inp.rows)]
-    md += ["mIoU: stage-one definition for seeds and pseudo-labels (mean over all 21 classes, "
-           "evaluation.py); BECO's own definition for its val scores (classes present in the ground truth). "
-           "Trivial baseline: the better of all-background and the image labels painted into a centred box.", ""]
+    md += ["mIoU: the mean over all 21 classes (evaluation.py's definition) for every stage, computed for BECO "
+           "from test.py's confusion matrix; test.py's own figure (classes present in the ground truth) is in the "
+           "metric's note where it differs. Trivial baseline: the better of all-background and the image labels "
+           "painted into a centred box.", ""]
     if plot_stage_bars(inp.rows, fig_dir / "stages.png"):
         md += ["![mIoU per stage](report/stages.png)", ""]
     cam = read_json(inp.cam_eval_json)
