@@ -204,14 +204,13 @@ def _add_gt_rows(idx: np.ndarray, gt: np.ndarray) -> None:
     VOC maps hold only 0..20 and 255, so ``gt + 1`` (uint8, 255 wraps to 0) is the row: two SIMD
     passes instead of a table gather. Maps with other values take the gather.
     """
+    rows = _buffer("rows", gt.size, idx.dtype)
     g = _buffer("g", gt.size, np.uint8)
     np.add(gt, np.uint8(1), out=g)
     if int(g.max(initial=0)) > NUM_CLASSES:
-        np.take(_GT_ROWS, gt, out=_buffer("rows", gt.size, idx.dtype))
-        idx += _buffer("rows", gt.size, idx.dtype)
-        return
-    rows = _buffer("rows", gt.size, idx.dtype)
-    np.multiply(g, idx.dtype.type(NUM_CLASSES), out=rows, casting="unsafe")
+        np.take(_GT_ROWS.astype(idx.dtype, copy=False), gt, out=rows)
+    else:
+        np.multiply(g, idx.dtype.type(NUM_CLASSES), out=rows, casting="unsafe")
     idx += rows
 
 
@@ -240,7 +239,6 @@ def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.nd
     for s in range(0, mf.size, _CHUNK):
         e = min(mf.size, s + _CHUNK)
         idx = _buffer("idx", e - s, dt)
-        amb = None
         if spec is not None:
             shift, base, lut = spec
             b = _buffer("bucket", e - s, np.int32)
@@ -255,9 +253,8 @@ def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.nd
         else:
             idx += dt(int(f))
         c = np.bincount(idx, minlength=slots * _K_STRIDE)
-        if spec is not None and c[(t + 1) * _K_STRIDE:].any():
-            amb = np.flatnonzero(idx >= (t + 1) * _K_STRIDE)
-        if amb is not None:  # pixels whose bucket holds a threshold: decide them exactly
+        if spec is not None and c[(t + 1) * _K_STRIDE:].any():  # pixels whose bucket holds a threshold:
+            amb = np.flatnonzero(idx >= (t + 1) * _K_STRIDE)  # decide them exactly
             fixed = idx[amb].astype(np.int64) - (t + 1) * _K_STRIDE
             fixed += threshold_index(mf[s:e][amb], th32) * _K_STRIDE
             amb_fixed.append(fixed)

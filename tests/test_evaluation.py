@@ -151,6 +151,8 @@ def test_sweep_counts_exact_on_adversarial_values(thresholds, monkeypatch):
     ref_odd = np.bincount(((k * 21 + gt_odd.astype(np.int64)) * 21 + f)[valid],
                           minlength=(th32.size + 1) * 441).reshape(th32.size + 1, 21, 21)
     np.testing.assert_array_equal(seed_eval.sweep_counts(m, f, gt_odd, th32), ref_odd)
+    monkeypatch.setattr(seed_eval, "_k_lut", lambda _b: None)
+    np.testing.assert_array_equal(seed_eval.sweep_counts(m, f, gt_odd, th32), ref_odd)
 
 
 def test_single_pass_tasks_crf_and_png(tmp_path, capsys, monkeypatch):
