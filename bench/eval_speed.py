@@ -86,8 +86,7 @@ def _load_only(args: tuple[str, str, list[str]]) -> int:
 def time_load(ids: list[str], dict_dir: Path, gt_dir: Path, workers: int, retain: bool = False) -> float:
     """Same chunking and pool as seed_eval.accumulate, but only reading (``retain``: with the
     evaluation workers' malloc setting)."""
-    workers = max(1, min(workers, max(1, len(ids) // 4)))
-    chunks = seed_eval._chunks(ids, max(1, min(16, -(-len(ids) // workers))))
+    workers, chunks = seed_eval.split_work(ids, workers)
     t0 = time.perf_counter()
     if workers == 1:
         for c in chunks:

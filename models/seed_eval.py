@@ -439,8 +439,14 @@ def _work(args: tuple[_Job, list[str]]) -> np.ndarray:
     return total
 
 
-def _chunks(ids: Sequence[str], n: int) -> list[list[str]]:
-    return [list(ids[i:i + n]) for i in range(0, len(ids), n)]
+def split_work(ids: Sequence[str], workers: int | None, chunk: int = 16) -> tuple[int, list[list[str]]]:
+    """``(workers, chunks)``: the worker count actually used (at least 4 images each; None = up to 8
+    CPUs) and ``ids`` cut into chunks of at most ``chunk`` ids, at least one chunk per worker."""
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    workers = max(1, min(int(workers), max(1, len(ids) // 4)))
+    n = max(1, min(chunk, -(-len(ids) // workers)))
+    return workers, [list(ids[i:i + n]) for i in range(0, len(ids), n)]
 
 
 def _pool_context() -> mp.context.BaseContext:
@@ -466,10 +472,7 @@ def accumulate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_di
     n = NUM_CLASSES
     total = np.zeros((len(job.th32) + 1, n, n) if task == "cam" else (n, n), np.int64)
     ids = list(ids)
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)
-    workers = max(1, min(int(workers), max(1, len(ids) // 4)))
-    chunks = _chunks(ids, max(1, min(chunk, -(-len(ids) // workers))))
+    workers, chunks = split_work(ids, workers, chunk)
     bar = None
     if progress:
         from tqdm import tqdm
