@@ -133,7 +133,7 @@ def _toy_check(data_root: str, t: ToySize):
     def check(root: Path) -> str | None:
         meta = read_json(root / data_root / "toy_meta.json") or {}
         want = {"n_train": t.n_train, "n_val": t.n_val, "classes": t.classes}
-        got = {k: meta.get(k, 20 if k == "classes" else None) for k in want}
+        got = {"n_train": meta.get("n_train"), "n_val": meta.get("n_val"), "classes": meta.get("classes", 20)}
         if got != want or (meta.get("size") and meta["size"][1] != t.max_size):
             return (f"'{data_root}' holds a toy set made with other settings ({meta.get('n_train')} train, "
                     f"{meta.get('n_val')} val, {meta.get('classes', 20)} classes, sides {meta.get('size')}; wanted "
