@@ -12,6 +12,14 @@ Synthesises a VOC-sized set (default 1,464 images, VOC-like sizes, 2 classes eac
 
 Target: sweep / load <= 1.5. Writes ``bench/results/eval_speed.json``.
 
+Where the time goes (2-core VM, per VOC-size image, one process): loading costs about 0.9 ms
+(``np.load`` 0.4, PNG decode 0.5), the sweep's arithmetic about 1.0 ms, of which one table gather
+(``np.take``) and one ``np.bincount`` take about 0.25 ms each and the winner and index passes the rest.
+A JIT kernel (numba) fusing the gather and the count measured 0.45 ms, but its import and compile
+(about 1 s per run) cost more than it saves on 1,464 images, so the ratio stays at 1.8-2.0.
+
+
+
     python bench/eval_speed.py [--n 1464] [--workers 2] [--cache /tmp/ktse_eval_bench]
 """
 from __future__ import annotations
