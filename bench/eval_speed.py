@@ -18,8 +18,6 @@ Where the time goes (2-core VM, per VOC-size image, one process): loading costs 
 A JIT kernel (numba) fusing the gather and the count measured 0.45 ms, but its import and compile
 (about 1 s per run) cost more than it saves on 1,464 images, so the ratio stays at 1.8-2.0.
 
-
-
     python bench/eval_speed.py [--n 1464] [--workers 2] [--cache /tmp/ktse_eval_bench]
 """
 from __future__ import annotations
