@@ -9,7 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-REFERENCE = SHARED / "reference"
+# Parity fixtures ship with the repository (tests/fixtures/reference); real data (VOC samples, MXNet
+# .params files) is only read from ../shared and its tests skip where that folder is absent.
+REFERENCE = ROOT / "tests" / "fixtures" / "reference"
 REALDATA = SHARED / "realdata"
 
 if str(ROOT) not in sys.path:
@@ -20,8 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 def shared_path(*parts: str) -> Path:
-    """A path under ../shared; skips the test when the shared folder is absent."""
-    p = SHARED.joinpath(*parts)
+    """A path under ../shared, or for ``("reference", ...)`` under the shipped tests/fixtures/reference;
+    skips the test when it is absent."""
+    p = REFERENCE.joinpath(*parts[1:]) if parts and parts[0] == "reference" else SHARED.joinpath(*parts)
     if not p.exists():
         pytest.skip(f"shared material not found: {p}")
     return p

@@ -12,8 +12,9 @@ from irn.steps.evaluate import irn_scores
 from irn.steps.gen_mask import confidence_mask, mask_png
 from tools.io import save_png
 from tools.metrics import confusion_matrix
+from conftest import REFERENCE
 
-ST2 = Path(__file__).resolve().parents[2] / "shared" / "reference" / "stage2"
+ST2 = REFERENCE / "stage2"
 
 
 def test_gen_mask_matches_reference(tmp_path):

@@ -3,8 +3,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REFERENCE
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "reference" / "stage2" / "ir_label.npz"
+FIX = REFERENCE / "stage2" / "ir_label.npz"
 
 
 def test_ir_label_matches_reference():

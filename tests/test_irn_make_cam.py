@@ -7,8 +7,9 @@ import torch
 
 from irn.steps.common import load_cam_dict, save_cam_dict
 from irn.steps.make_cam import cams_from_outputs, strided_size, strided_up_size
+from conftest import REFERENCE
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "reference" / "stage2" / "make_cam.npz"
+FIX = REFERENCE / "stage2" / "make_cam.npz"
 
 
 def test_make_cam_matches_reference(tmp_path):

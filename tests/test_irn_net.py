@@ -13,9 +13,10 @@ from irn.net.resnet50_irn import (AffinityDisplacementLoss, EdgeDisplacement, Ne
 from irn.path_index import PathIndex, affinity_labels
 from irn.steps.train_irn import irn_total_loss
 from tools.checkpoint import CheckpointKeyError
+from conftest import REFERENCE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-ST2 = SHARED / "reference" / "stage2"
+ST2 = REFERENCE / "stage2"
 
 
 def _need(p: Path) -> Path:
@@ -25,7 +26,7 @@ def _need(p: Path) -> Path:
 
 
 def _weights_module():
-    spec = importlib.util.spec_from_file_location("ref_weights", _need(SHARED / "reference" / "weights.py"))
+    spec = importlib.util.spec_from_file_location("ref_weights", _need(REFERENCE / "weights.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

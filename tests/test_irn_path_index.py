@@ -6,9 +6,10 @@ import pytest
 from PIL import Image
 
 from irn.path_index import PathIndex, affinity_labels
+from conftest import REFERENCE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIX = SHARED / "reference" / "stage2" / "path_index.npz"
+FIX = REFERENCE / "stage2" / "path_index.npz"
 
 
 @pytest.fixture(scope="module")

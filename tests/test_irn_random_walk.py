@@ -8,8 +8,9 @@ import torch
 
 from irn.path_index import affinity_sparse_to_dense
 from irn.random_walk import padded_affinity, propagate_to_edge, sem_seg_from_rw, sparse_affinity
+from conftest import REFERENCE
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "reference" / "stage2" / "random_walk.npz"
+FIX = REFERENCE / "stage2" / "random_walk.npz"
 
 
 @pytest.fixture(scope="module")

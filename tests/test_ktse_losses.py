@@ -3,6 +3,7 @@ plus KTSE+ ALS unit tests on hand-built CAMs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -215,3 +216,36 @@ def test_step_with_als_small_width_all_terms_finite() -> None:
     changed = [n for n, p in net.named_parameters() if not torch.equal(p, before[n])]
     assert "fc9.weight" in changed and "b3.conv_branch2a.weight" in changed
     assert "conv1a.weight" not in changed and "b3.bn_branch2a.weight" not in changed
+
+
+def test_default_objective_is_ktse_plus_als_and_zero_weights_give_plain_ktse() -> None:
+    """train.py trains KTSE+ by default: total = released KTSE total + als_cross*L_cross + als_bg*L_bg,
+    and --als_cross 0 --als_bg 0 gives the released objective. The defaults are the ones the docs state."""
+    import re
+
+    import train
+
+    args = train.build_parser().parse_args(["--name", "x"])
+    assert (args.als_cross, args.als_bg) == (1.0, 0.1)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "deviations.md").read_text()
+    assert "--als_cross 0 --als_bg 0" in doc and re.search(r"defaults 1\.0 and 0\.1", doc)
+
+    def run(cfg: "ktse.KTSEConfig") -> dict:
+        torch.manual_seed(0)
+        net = Net_gpp(width=0.0625)
+        net.train()
+        g = torch.Generator().manual_seed(1)
+        img, img2 = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
+        y, y2 = torch.zeros(4, 20), torch.zeros(4, 20)
+        y[:, 1] = y2[:, 1] = 1
+        y[0, 4] = 1
+        y2[1, 9] = 1
+        with torch.no_grad():
+            return ktse.KTSEStep(net, cfg=cfg)(img, img2, y, y2, epo=10)
+
+    plain = run(ktse.KTSEConfig(als_cross=0.0, als_bg=0.0, safe_ce=True))
+    plus = run(ktse.KTSEConfig(als_cross=args.als_cross, als_bg=args.als_bg, safe_ce=True))
+    assert float(plain["loss_als_cross"]) == 0.0 and float(plain["loss_als_bg"]) == 0.0
+    assert float(plus["loss_als_cross"]) > 0.0 or float(plus["loss_als_bg"]) > 0.0
+    expected = plain["loss_total"] + 1.0 * plus["loss_als_cross"] + 0.1 * plus["loss_als_bg"]
+    assert torch.allclose(plus["loss_total"], expected, rtol=1e-5, atol=1e-6)

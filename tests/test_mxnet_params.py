@@ -22,6 +22,7 @@ from models.mxnet_params import (
     resnet38_backbone_shapes,
 )
 from tools.errors import MissingFileError
+from conftest import shared_path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MXDIR = SHARED / "realdata" / "mxnet"
@@ -180,7 +181,7 @@ def test_bfloat16_and_csr(tmp_path: Path) -> None:
 
 
 def test_backbone_key_list_matches_reference_network() -> None:
-    rows = json.loads((SHARED / "reference" / "stage1" / "net_gpp_keys.json").read_text())
+    rows = json.loads(shared_path("reference", "stage1", "net_gpp_keys.json").read_text())
     head = ("fc8.", "bn8.", "fc9.", "gconv")
     ref = [(k, tuple(s)) for k, s, _ in rows if not k.startswith(head) and not k.endswith("num_batches_tracked")]
     shapes = resnet38_backbone_shapes()
