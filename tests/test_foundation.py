@@ -1,12 +1,16 @@
 """Foundation: metrics, palette, real VOC samples, prepare.py, atomic writes, toy generator, clear errors."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +168,153 @@ def test_atomic_write_leaves_no_partial_file_when_killed(tmp_path: Path) -> None
 def test_atomic_json_replaces(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "a.json", {"x": np.float32(1.5), "y": np.arange(2)})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1.5, "y": [0, 1]}
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path: Path, umask: int, mode: int) -> None:
+    """Not mkstemp's 0600: outputs on shared storage stay readable for colleagues."""
+    import torch
+
+    from tools.io import atomic_torch_save, save_png
+
+    old = os.umask(umask)
+    try:
+        atomic_save_npy(tmp_path / "a.npy", {0: np.zeros(2)})
+        atomic_write_json(tmp_path / "a.json", {"a": 1})
+        save_png(tmp_path / "a.png", np.zeros((2, 2), np.uint8))
+        atomic_torch_save({"w": torch.zeros(1)}, tmp_path / "a.pth")
+    finally:
+        os.umask(old)
+    for p in tmp_path.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == mode, p.name
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_rules(tmp_path: Path) -> None:
+    from tools import io
+
+    host = io._HOST
+    dead = _dead_pid()
+    names = {f".x.npy.{os.getpid()}@{host}.ab12.tmp": False,    # a live writer (this process)
+             f".x.npy.1@{host}.ab12.tmp": False,                 # pid 1 exists (alive, maybe not ours)
+             f".x.npy.{dead}@{host}.ab12.tmp": True,             # its writer is gone
+             f".x.npy.{dead}@otherhost.ab12.tmp": False,         # another host: only by age
+             ".x.npy.k3j_9a2b.tmp": False,                       # old style, fresh: maybe still written
+             "x.npy": False, ".x.npy": False}                    # not temporary files
+    for name in names:
+        (tmp_path / name).touch()
+    for name, stale in names.items():
+        assert io.is_stale_temp(tmp_path / name) is stale, name
+    assert io.temp_final_name(tmp_path / f".2007_000032.npy.{dead}@{host}.ab12.tmp") == "2007_000032.npy"
+    assert io.temp_final_name(tmp_path / ".003_2007_000032_cam_4.png.k3j_9a2b.tmp") == "003_2007_000032_cam_4.png"
+    assert io.temp_final_name(tmp_path / "x.npy") is None
+    old = time.time() - io.STALE_TEMP_AGE_S - 60
+    for name in (".x.npy.k3j_9a2b.tmp", f".x.npy.{dead}@otherhost.ab12.tmp"):
+        os.utime(tmp_path / name, (old, old))
+        assert io.is_stale_temp(tmp_path / name), name
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_a_zombie_writer_counts_as_gone(tmp_path: Path) -> None:
+    """A killed writer not yet reaped still answers kill(pid, 0); it writes nothing any more."""
+    from tools import io
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        for _ in range(400):  # until it has exited (unreaped: a zombie)
+            if Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                break
+            time.sleep(0.025)
+        tmp = tmp_path / f".x.npy.{proc.pid}@{io._HOST}.ab12.tmp"
+        tmp.touch()
+        assert io.is_stale_temp(tmp)
+    finally:
+        proc.wait()
+
+
+def test_temp_names_carry_the_writer_pid(tmp_path: Path) -> None:
+    from tools import io
+
+    with io.atomic_path(tmp_path / "a.b.npy") as tmp:
+        assert tmp.name.startswith(f".a.b.npy.{os.getpid()}@{io._HOST}.") and tmp.name.endswith(".tmp")
+        assert io.temp_final_name(tmp) == "a.b.npy" and not io.is_stale_temp(tmp)
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "a.b.npy").read_bytes() == b"x"
+
+
+def test_infer_cleanup_keeps_a_live_writers_temp(tmp_path: Path) -> None:
+    """A second infer.py over an overlapping list must not delete the first one's temporaries (the
+    first would die in os.replace); those of a killed writer are removed."""
+    import infer
+
+    target = tmp_path / "dict" / "x.npy"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(root=str(ROOT), path=str(target))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        temps = list(target.parent.glob(".*.tmp"))
+        assert len(temps) == 1 and f".{proc.pid}@" in temps[0].name
+        infer.remove_stale_temps(target.parent, {"x"})
+        assert temps[0].exists()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    infer.remove_stale_temps(target.parent, {"y"})  # not our id: left alone
+    assert temps[0].exists()
+    infer.remove_stale_temps(target.parent, {"x"})
+    assert not temps[0].exists()
+
+
+@pytest.mark.parametrize("err, cause", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded"),
+    (OSError(errno.EROFS, "Read-only file system"), "read-only file system"),
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied")])
+def test_failed_write_names_the_destination(tmp_path: Path, monkeypatch, err: OSError, cause: str) -> None:
+    from tools.io import OutputWriteError
+
+    target = tmp_path / "out" / "x.npy"
+    atomic_save_npy(target, {0: 1})
+
+    def failing_save(f, *a, **k):
+        f.write(b"partial")
+        raise err
+
+    monkeypatch.setattr(np, "save", failing_save)
+    with pytest.raises(OutputWriteError) as e:
+        atomic_save_npy(target, {0: 2})
+    msg = str(e.value)
+    assert str(target) in msg and cause in msg and isinstance(e.value, OSError)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.npy"]  # temp removed, old file intact
+    assert np.load(target, allow_pickle=True).item() == {0: 1}
+
+
+def test_torch_save_on_a_full_disk(tmp_path: Path, monkeypatch) -> None:
+    """torch.save reports a full disk as ``RuntimeError: basic_ios::clear: iostream error``."""
+    import torch
+
+    from tools.io import OutputWriteError, atomic_torch_save
+
+    def failing_save(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0: "
+                           "basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=0))
+    with pytest.raises(OutputWriteError, match="no space left on device") as e:
+        atomic_torch_save({"w": 1}, tmp_path / "res50_irn.pth")
+    assert str(tmp_path / "res50_irn.pth") in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error: out of memory")))
+    with pytest.raises(RuntimeError, match="CUDA error") as e:  # not a write failure: passed on unchanged
+        atomic_torch_save({"w": 1}, tmp_path / "res50_irn.pth")
+    assert not isinstance(e.value, OutputWriteError) and list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- toy generator

@@ -50,10 +50,29 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: Mapping[str, An
     return missing, unexpected
 
 
-def load_torch_file(path: os.PathLike | str, what: str = "checkpoint", hint: str = "") -> Any:
-    """``torch.load`` on CPU after checking the file exists (error names the path and ``hint``)."""
+def load_torch_file(path: os.PathLike | str, what: str = "checkpoint", hint: str = "",
+                    numpy: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` on CPU after checking the file exists.
+
+    Only tensors, containers and plain Python values are rebuilt (no code in the file runs); with
+    ``numpy`` also numpy arrays/scalars of numeric dtypes (training states with RNG states, IRN
+    score files). Errors name the path and ``hint``; a file asking for any other Python object
+    raises :class:`tools.safe_load.UnsafeFileError` naming that object.
+    """
+    import pickle
+
+    from tools.safe_load import UnsafeFileError, refusal_message, torch_numpy_globals, torch_refused_global
+
     p = require_file(path, what, hint)
+    holds = "tensors, numpy arrays and plain values" if numpy else "tensors and plain values"
     try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise WSSSError(f"cannot read {what} '{p}': {e}. Is the file complete and a torch checkpoint?") from e
+        if numpy:
+            with torch.serialization.safe_globals(torch_numpy_globals()):
+                return torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or an object weights_only refuses
+        refused = torch_refused_global(e) if isinstance(e, pickle.UnpicklingError) else None
+        if refused:
+            raise UnsafeFileError(refusal_message(p, what, refused, holds)) from None
+        detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line, even for torch's long messages
+        raise WSSSError(f"cannot read {what} '{p}': {detail}. Is the file complete and a torch checkpoint?") from e
