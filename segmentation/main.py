@@ -10,7 +10,9 @@ Also ``torchrun --nproc_per_node N main.py -dist ...`` (single or multi node). S
 (partial) JSON of the same keys, and every key is a flag of the same name that overrides both.
 Outputs go to ``<logging_path_base>/<logging_tag><run_id>/``: ``log.txt``, tensorboard events,
 ``ckpt_epoch_<E>.pth`` (newest only), ``best_ckpt.pth``, ``best=XX.XX`` marker, ``metrics.json``,
-``logits_msc/<id>.npy`` and ``test_metrics.json`` (see stage2.md §2.7-2.8).
+``logits_msc/<id>.npy`` and ``test_metrics.json`` (see stage2.md §2.7-2.8). Training into a folder that
+already holds a run needs ``--resume`` (continue) or ``--overwrite`` (start again); validation and test
+run in fp32 unless ``--amp_eval``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -36,11 +39,13 @@ import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from segmentation.beco.datasets import PseudoMaskTrainSet, ResizedValSet  # noqa: E402
-from segmentation.beco.deeplabv2 import build_deeplabv2  # noqa: E402
+from segmentation.beco.deeplabv2 import BACKBONES, build_deeplabv2  # noqa: E402
 from segmentation.beco.model import BECO, BECOSettings, unwrap  # noqa: E402
 from tools import dist as tdist  # noqa: E402
 from tools.checkpoint import load_state_dict_checked, load_torch_file  # noqa: E402
-from tools.errors import MissingFileError, WSSSError  # noqa: E402
+from tools.cli import (DEVICE_HELP, device as device_arg, fraction, nonneg_float, nonneg_int,  # noqa: E402
+                       positive_float, positive_int)
+from tools.errors import MissingFileError, WSSSError, run_cli  # noqa: E402
 from tools.io import atomic_save_npy, atomic_torch_save, atomic_write_json  # noqa: E402
 from tools.logging_utils import TBWriter, setup_logger  # noqa: E402
 from tools.metrics import confusion_matrix, present_class_scores  # noqa: E402
@@ -65,6 +70,21 @@ HELP = {
     "batch_size": "training batch per process (reference 16 per process)",
     "max_epoch": "training epochs",
 }
+# Range checks of config keys (argparse ``type=``): a bad value stops at parse time with one line.
+KEY_TYPES = {
+    "batch_size": positive_int, "max_epoch": positive_int, "crop_size": positive_int, "val_size": positive_int,
+    "backbone_width": positive_int, "num_classes": positive_int, "num_workers": nonneg_int,
+    "warm_up": nonneg_int, "bdry_size": nonneg_int, "log_every": nonneg_int, "seed": nonneg_int,
+    "highres_t": fraction, "mix_prob": fraction,
+    "bdry_whb": nonneg_float, "bdry_whi": nonneg_float, "bdry_wlb": nonneg_float, "bdry_wli": nonneg_float,
+    "lr": positive_float, "momentum": nonneg_float, "weight_decay": nonneg_float, "lr_power": positive_float,
+    "min_lr": nonneg_float,
+}
+KEY_CHOICES = {"backbone": sorted(BACKBONES), "output_stride": [8, 16]}
+# What a training run leaves in its logging folder; any of the first three means "a run is here".
+RUN_MARKERS = ("ckpt_epoch_*.pth", "best_ckpt.pth", "metrics.json")
+RUN_OUTPUTS = RUN_MARKERS + ("best=*", "test_metrics.json", "config.json", "events.out.tfevents.*",
+                             "logits_msc", "logits", "val_pred", "test_pred", "val_metrics*.json")
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -101,7 +121,11 @@ def load_config(path: os.PathLike | str | None) -> dict[str, Any]:
     return flat
 
 
-def _arg_type(v: Any):
+def _arg_type(k: str, v: Any):
+    if k in KEY_CHOICES:
+        return dict(type=type(v), choices=KEY_CHOICES[k])
+    if k in KEY_TYPES and not isinstance(v, (bool, list)):
+        return dict(type=KEY_TYPES[k])
     if isinstance(v, bool):
         return dict(type=str2bool)
     if isinstance(v, int):
@@ -119,27 +143,51 @@ def build_parser(cfg: dict[str, Any]) -> argparse.ArgumentParser:
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="JSON config overlaid on the defaults")
     ap.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
     ap.add_argument("--amp_dtype", default="auto", choices=["auto", "fp16", "bf16"])
+    ap.add_argument("--amp_eval", action="store_true",
+                    help="also run validation and test under autocast (the reference evaluates in fp32 "
+                         "even with --amp)")
     ap.add_argument("-dist", "--distributed", action="store_true",
                     help="DDP: one process per visible GPU (or under torchrun); 1 CPU process without GPUs")
-    ap.add_argument("--nproc", type=int, default=None,
+    ap.add_argument("--nproc", type=positive_int, default=None,
                     help="processes to spawn with -dist outside torchrun (default: visible GPUs, or 1)")
     ap.add_argument("--determ", action="store_true", help="cudnn deterministic (else cudnn.benchmark)")
     ap.add_argument("--gpu_id", default=None, help="sets CUDA_VISIBLE_DEVICES")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--threads", type=int, default=0,
+    ap.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
+    ap.add_argument("--threads", type=nonneg_int, default=0,
                     help="torch CPU threads per process (0 = torch default); 1 is fastest for tiny CPU models "
                          "and on a busy machine")
     ap.add_argument("--run_id", default="")
     ap.add_argument("--logging_tag", default="")
     ap.add_argument("--ckpt", default=None, help="checkpoint to test, or to start training from")
     ap.add_argument("--test", action="store_true", help="only test --ckpt on the val list")
-    ap.add_argument("--resume", nargs="?", const="auto", default=None,
-                    help="continue training from the newest ckpt_epoch_*.pth of the logging dir (or this file)")
+    again = ap.add_mutually_exclusive_group()
+    again.add_argument("--resume", nargs="?", const="auto", default=None,
+                       help="continue training from the newest ckpt_epoch_*.pth of the logging dir (or this file)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="train again from scratch in a logging dir that holds a run (its checkpoints, "
+                            "metrics and logits are deleted first)")
     ap.add_argument("--pseudo_label_dir", dest="sem_seg_dir", default=argparse.SUPPRESS,
                     help="alias of --sem_seg_dir")
     for k, v in cfg.items():
-        ap.add_argument(f"--{k}", default=v, help=HELP.get(k, "config key"), **_arg_type(v))
+        ap.add_argument(f"--{k}", default=v, help=HELP.get(k, "config key"), **_arg_type(k, v))
     return ap
+
+
+def _check_config_values(ap: argparse.ArgumentParser, args: argparse.Namespace, origin: str) -> None:
+    """Apply the flag checks to values that came from the config file (argparse checks only what
+    was typed); a bad one ends like a bad flag: usage + one error line, exit 2."""
+    for k in sorted(set(KEY_TYPES) | set(KEY_CHOICES)):
+        if k in args.cli_keys or not hasattr(args, k):
+            continue
+        v = getattr(args, k)
+        if k in KEY_CHOICES:
+            if v not in KEY_CHOICES[k]:
+                ap.error(f"config {origin}: {k} = {v!r}: invalid choice (choose from {KEY_CHOICES[k]})")
+            continue
+        try:
+            KEY_TYPES[k](str(v))
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"config {origin}: {k} = {v!r}: {e}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,9 +195,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     cfg = load_config(known.config)
-    args = build_parser(cfg).parse_args(argv)
+    ap = build_parser(cfg)
+    args = ap.parse_args(argv)
     args.cli_keys = {a.split("=")[0].lstrip("-") for a in (argv if argv is not None else sys.argv[1:])
                      if a.startswith("--")}
+    _check_config_values(ap, args, known.config or str(DEFAULT_CONFIG))
     for k in PATH_KEYS:
         if getattr(args, k, None) in NONE_WORDS:
             setattr(args, k, None)
@@ -182,6 +232,31 @@ def logging_dir(args: argparse.Namespace) -> Path:
     return Path(args.logging_path_base) / (name if name else time.strftime("%y%m%d_%H%M%S"))
 
 
+def existing_run(logdir: Path) -> list[Path]:
+    """The files in ``logdir`` that show a training run was there (checkpoints, best_ckpt, metrics)."""
+    return sorted(f for pat in RUN_MARKERS for f in logdir.glob(pat))
+
+
+def guard_logging_dir(args: argparse.Namespace) -> None:
+    """Before training: refuse a logging folder that already holds a run unless ``--resume`` (continue
+    it) or ``--overwrite`` (start again: that run's checkpoints, markers, metrics, logits and
+    predictions are deleted first, by the main process only). ``--test`` is not concerned."""
+    if args.test or not (args.logging_tag + args.run_id):
+        return  # a timestamped folder is new
+    logdir = logging_dir(args)
+    found = existing_run(logdir)
+    if not found:
+        return
+    if args.resume is None and not args.overwrite:
+        raise WSSSError(f"logging folder '{logdir}' already holds a BECO run ({', '.join(f.name for f in found)}); "
+                        "pass --resume to continue it, or --overwrite to train again from scratch "
+                        "(deletes its checkpoints, metrics and logits)")
+    if args.overwrite and os.environ.get("RANK", "0") == "0":
+        for pat in RUN_OUTPUTS:
+            for f in logdir.glob(pat):
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+
+
 def settings_from(args: argparse.Namespace) -> BECOSettings:
     return BECOSettings.from_mapping(vars(args))
 
@@ -203,6 +278,12 @@ def autocast_factory(args: argparse.Namespace, device: torch.device):
     dtype = torch.float16 if dt == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type) if (dtype == torch.float16 and device.type == "cuda") else None
     return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
+
+
+def eval_autocast(args: argparse.Namespace, train_autocast):
+    """The autocast factory for validation/test: fp32 (a null context) as the reference, which wraps
+    only its training step in autocast; the training one with ``--amp_eval``."""
+    return train_autocast if getattr(args, "amp_eval", False) else contextlib.nullcontext
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> int:
@@ -351,6 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tb = TBWriter(logdir, enabled=main_proc)
     seed_epoch(args.seed, -1, rank)
     autocast, scaler = autocast_factory(args, device)
+    eval_ac = eval_autocast(args, autocast)
 
     ckpt_path = args.ckpt
     resume_path = None
@@ -372,7 +454,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.test:
         if ckpt_path is None:
             raise WSSSError("--test needs --ckpt <file> (e.g. best_ckpt_752.pth or <logdir>/best_ckpt.pth)")
-        return run_test(args, model, device, logdir, autocast, logger)
+        return run_test(args, model, device, logdir, eval_ac, logger)
 
     if tdist.is_dist():
         if args.sync_bn and device.type == "cpu":
@@ -446,7 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 f"{optimizer.param_groups[0]['lr']:.6f} " +
                                 " ".join(f"{k} {v:.4f}" for k, v in vals.items()))
         model.epoch += 1
-        sc = evaluate(model, val_loader, device, args.num_classes, autocast, desc="val")
+        sc = evaluate(model, val_loader, device, args.num_classes, eval_ac, desc="val")
         history.append({"epoch": epoch + 1, "iter": global_iter,
                         **{k: sc[k] for k in ("overall_acc", "mclass_acc", "mpred_acc", "miou")}})
         if main_proc:
@@ -477,7 +559,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tdist.barrier()
     tb.close()
     # As the reference: the final test uses the last-epoch weights (not best_ckpt.pth).
-    return run_test(args, model, device, logdir, autocast, logger)
+    return run_test(args, model, device, logdir, eval_ac, logger)
 
 
 def run_test(args: argparse.Namespace, model: BECO, device: torch.device, logdir: Path, autocast,
@@ -518,8 +600,11 @@ def _worker(args: argparse.Namespace) -> None:
             dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
+def launch(argv: list[str] | None = None) -> None:
+    """Parse the command line, check the logging folder, then run here, under torchrun, or spawned
+    over the visible GPUs (``-dist``)."""
     args = parse_args(argv)
+    guard_logging_dir(args)
     if args.gpu_id is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu_id)
     if args.distributed and "RANK" not in os.environ:
@@ -529,18 +614,18 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("MASTER_ADDR", "localhost")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             torch.multiprocessing.spawn(_spawned, args=(args, nprocs), nprocs=nprocs, join=True)
-            return 0
+            return
     if args.distributed:
         _worker(args)  # under torchrun (or a single process)
     else:
         args.gpu = 0
         run(args)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a user-fixable error is one ``error:`` line (exit 2), Ctrl-C one line (exit 130)."""
+    return run_cli(launch, argv)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except WSSSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

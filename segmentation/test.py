@@ -6,7 +6,9 @@ Per image: logits ``<logits_dir>/<id>.npy`` (C,h,w) -> bilinear to the image siz
 False) -> softmax -> optional dense CRF (10 iterations, Gaussian sxy 1 compat 3, bilateral sxy 67
 srgb 3 compat 4, unary -log(clip(p, 1e-5))) -> argmax -> ``<logits_dir>/../<mode>_pred/<id>.png``
 (class indices; a VOC-palette PNG, which reads back as the same indices as the reference's mode-L file). Val mode prints ``mIoU: <fraction>`` (mean over classes present in the ground truth)
-and writes ``<logits_dir>/../<mode>_metrics[_crf].json``.
+and writes ``<logits_dir>/../<mode>_metrics[_crf].json``. A rerun reuses a prediction only when the
+folder's record (``<mode>_pred/.provenance.json``, docs/formats.md) says it was made from the same
+logits file, image and CRF settings; ``--overwrite`` redoes all.
 
 CRF image: the reference passes ``(RGB - [122.675, 116.669, 104.008]).astype(uint8)``, whose negative
 values wrap modulo 256 (stage2.md §4 item 15). That stays the default (``--crf_image wrapped``,
@@ -15,7 +17,6 @@ it shapes the published number); ``--crf_image clean`` gives the CRF the real im
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -29,11 +30,14 @@ if str(REPO) not in sys.path:  # the seed command runs `python test.py` from seg
 
 import numpy as np  # noqa: E402
 
-from tools.errors import MissingFileError, require_dir, require_file, run_cli  # noqa: E402
+from tools.errors import DataError, MissingFileError, require_dir, require_file, run_cli  # noqa: E402
 from tools.imutils import read_label_png, write_label_png  # noqa: E402
 from tools.io import atomic_write_json  # noqa: E402
 from tools.metrics import confusion_matrix, present_class_scores, scores  # noqa: E402
-from voc12.data import load_gt, load_image, read_id_list  # noqa: E402
+from tools.provenance import Provenance, folder_id, stat_key, upstream_id  # noqa: E402
+from voc12.data import image_path, load_gt, load_image, read_id_list  # noqa: E402
+
+VERSION = 1  # output format of <mode>_pred/<id>.png; bump when the code changes what it writes
 
 MEANSUB_RGB = (122.675, 116.669, 104.008)
 # segmentation/utils/crf.py DenseCRF defaults (crf.json "beco_test_py").
@@ -46,6 +50,21 @@ def wrapped_meansub_uint8(img: np.ndarray) -> np.ndarray:
     casts platform-defined). img: (H,W,3) uint8 -> (H,W,3) uint8."""
     x = np.asarray(img, dtype=np.float32) - np.asarray(MEANSUB_RGB, dtype=np.float32)
     return (np.trunc(x).astype(np.int64) & 255).astype(np.uint8)
+
+
+def load_logits(path: str | os.PathLike) -> np.ndarray:
+    """One saved logits file as a float (C,h,w) array; a truncated, unreadable or misshapen file
+    raises :class:`DataError` naming it (one line) instead of numpy's traceback."""
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        why = " ".join(str(e).split())
+        raise DataError(f"logits file '{path}' is truncated or unreadable ({type(e).__name__}: {why}); "
+                        "rerun `python main.py --test --ckpt <file>` to write it again") from None
+    if a.ndim != 3 or not np.issubdtype(a.dtype, np.floating):
+        raise DataError(f"logits file '{path}' holds a {a.dtype} array of shape {a.shape}, expected float "
+                        "(classes, h, w) as main.py --test writes")
+    return a
 
 
 def logits_to_prob(logits: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -83,12 +102,12 @@ def _task(t: dict[str, Any]) -> np.ndarray | None:
         pred = read_label_png(out)
     else:
         img = load_image(t["root"], t["id"])
-        logits = np.load(t["logits"])
+        logits = load_logits(t["logits"])
         pred = predict_one(logits, img, t["crf"], t["crf_image"])
         write_label_png(out, pred, palette=True)
     if t["label_folder"] is None:
         return None
-    gt = load_gt(t["root"], t["id"], folder=t["label_folder"])
+    gt = load_gt(t["root"], t["id"], folder=t["label_folder"], num_classes=t["num_classes"])
     return confusion_matrix(pred, gt, t["num_classes"], 255)
 
 
@@ -142,17 +161,18 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             raise CRFUnavailableError(f"--crf needs pydensecrf: {INSTALL_HINT}")
     pred_dir = logits_dir.parent / f"{args.mode}_pred"
     pred_dir.mkdir(parents=True, exist_ok=True)
-    # Finished predictions are reused only when they were made with the same settings.
-    stamp = {"logits_dir": str(logits_dir.resolve()), "crf": bool(args.crf),
-             "crf_image": args.crf_image if args.crf else None}
-    stamp_path = pred_dir / "settings.json"
-    reuse = (not args.overwrite and stamp_path.is_file()
-             and json.loads(stamp_path.read_text()) == stamp)
-    if not reuse and stamp_path.is_file():
-        stamp_path.unlink()
+    # A finished prediction is reused only when its record matches: the same logits folder (and the
+    # same logits file and image per id), the same CRF settings.
+    prov = Provenance(pred_dir, "test.py", VERSION,
+                      {"logits": upstream_id(logits_dir), "data_root": folder_id(root)},
+                      {"crf": bool(args.crf), "crf_image": args.crf_image if args.crf else None,
+                       "crf_params": CRF_PARAMS if args.crf else None})
+    plan = prov.start(ids, lambda i: [pred_dir / f"{i}.png"],
+                      lambda i: stat_key(logits_dir / f"{i}.npy", image_path(root, i)), args.overwrite, "predictions")
+    done = set(plan.done)
     label_folder = args.label_folder if args.mode == "val" else None
     tasks = [{"id": i, "root": str(root), "logits": str(logits_dir / f"{i}.npy"), "out": str(pred_dir / f"{i}.png"),
-              "crf": bool(args.crf), "crf_image": args.crf_image, "reuse": reuse, "label_folder": label_folder,
+              "crf": bool(args.crf), "crf_image": args.crf_image, "reuse": i in done, "label_folder": label_folder,
               "num_classes": args.num_classes} for i in ids]
     n_jobs = max(1, min(int(args.n_jobs or 1), len(tasks)))
     hist = np.zeros((args.num_classes, args.num_classes), dtype=np.int64)
@@ -170,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                           dynamic_ncols=True):
                 if h is not None:
                     hist += h
-    atomic_write_json(stamp_path, stamp)
+    prov.finish()
     if args.mode != "val":
         print(f"wrote {len(tasks)} predictions to {pred_dir}")
         return None

@@ -263,7 +263,6 @@ def test_beco_losses_by_hand():
 
 
 def test_train_step_runs_with_strong_aug_and_online_labels(one_thread):
-    pytest.importorskip("albumentations")
     nets = [build_deeplabv2(backbone="resnet18", width=8) for _ in range(2)]
     model = BECO(nets[0], nets[1], BECOSettings(warm_up=0, mix_prob=1.0))
     img, label, mask = _toy_batch(4, 32, 32)

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import sys
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tools import dist as tdist
 from tools.checkpoint import load_state_dict_checked, load_torch_file
+from tools.provenance import sha256_file
 
 __all__ = ["DeepLabV2", "ResNetBackbone", "build_deeplabv2", "imagenet_to_backbone_keys",
-           "load_imagenet_backbone", "BACKBONES", "IMAGENET_URLS"]
+           "load_imagenet_backbone", "check_imagenet_file", "expected_sha256_prefix", "BACKBONES", "IMAGENET_URLS"]
 
 # depth -> (block kind, blocks per layer)
 BACKBONES: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -215,12 +219,43 @@ def imagenet_to_backbone_keys(sd: dict) -> dict:
     return out
 
 
+_WARNED: set[str] = set()  # file:depth pairs already warned about
+
+
+def expected_sha256_prefix(depth: str) -> str | None:
+    """The sha256 prefix torchvision writes into the file name of the weights the reference uses
+    (``resnet101-cd907fc2.pth``: ``cd907fc2``), or None for an unknown depth."""
+    m = re.search(r"-([0-9a-f]{8,})\.pth", IMAGENET_URLS.get(depth, ""))
+    return m.group(1) if m else None
+
+
+def check_imagenet_file(path: str | os.PathLike, depth: str = "resnet101") -> bool:
+    """Whether ``path`` holds the torchvision weights the reference initialises from (its sha256,
+    read in chunks, starts with the prefix of the torchvision file name). If not, print one warning
+    line naming the file (once per file and process, main process only) and return False: another
+    file (e.g. the IMAGENET1K_V1 ``resnet101-5d3b4d8f.pth``) loads without error but changes results."""
+    want = expected_sha256_prefix(depth)
+    if want is None:
+        return True
+    got = sha256_file(path)
+    if got.startswith(want):
+        return True
+    key = f"{os.path.realpath(path)}:{depth}"
+    if key not in _WARNED and tdist.is_main_process():
+        _WARNED.add(key)
+        print(f"warning: ImageNet weights '{path}' are not torchvision's {depth}-{want}.pth (sha256 starts "
+              f"with {got[:8]}); the reference initialises from {IMAGENET_URLS[depth].split()[0]}", file=sys.stderr,
+              flush=True)
+    return False
+
+
 def load_imagenet_backbone(backbone: ResNetBackbone, path: str | os.PathLike, depth: str = "resnet101") -> None:
     """Load torchvision ImageNet weights into ``backbone`` strictly (num_batches_tracked excepted, which
     the reference leaves at 0 as well)."""
     sd = load_torch_file(path, f"ImageNet {depth} weights",
                          f"download {IMAGENET_URLS.get(depth, 'the torchvision weights')} to this path, "
                          "or pass --pretrained none to start from random init")
+    check_imagenet_file(path, depth)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     mapped = imagenet_to_backbone_keys(sd)

@@ -16,18 +16,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tools.errors import DataError
 from tools.imutils import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["BECOSettings", "BECO", "unwrap", "build_strong_aug", "strong_augment", "boundary_map",
-           "class_mix_batch", "beco_losses"]
+__all__ = ["BECOSettings", "BECO", "unwrap", "StrongAug", "AugParams", "build_strong_aug", "strong_augment",
+           "boundary_map", "class_mix_batch", "beco_losses", "check_batch"]
 
 IGNORE = 255
 
 
 @dataclass
 class BECOSettings:
-    """``model.settings`` of the run (main.py values, stage2.md §2.2). ``bdry_whi``/``bdry_wli`` weight
-    the (dead) "inside" region in the reference and are kept only to mirror its config."""
+    """``model.settings`` of the run (the values the reference's main.py hard-codes). Boundary weights
+    of the four loss terms: ``bdry_whb`` network1's confident CE, ``bdry_whi`` network2's confident CE,
+    ``bdry_wlb`` network1's cross-supervision, ``bdry_wli`` network2's cross-supervision (each term is
+    weighted by ``1 + w * boundary``)."""
 
     ignore_bg: bool = True
     mix_aug: bool = True
@@ -53,31 +56,148 @@ def unwrap(net: nn.Module) -> nn.Module:
     return net.module if hasattr(net, "module") else net
 
 
-def build_strong_aug(seed: int | None = None):
-    """The reference's albumentations pipeline with library defaults:
-    Compose([Compose([RandomBrightnessContrast(p=1), HueSaturationValue(p=1)], p=0.8), ToGray(p=0.2),
-    GaussianBlur(5, p=0.5)])."""
-    import albumentations as A
+# The reference's strong augmentation, written for albumentations 1.x:
+#   Compose([Compose([RandomBrightnessContrast(p=1), HueSaturationValue(p=1)], p=0.8),
+#            ToGray(p=0.2), GaussianBlur(5, p=0.5)])
+# with library defaults. albumentations 2.x changed several of these ops (GaussianBlur(5) draws
+# sigma in [0.5, 3]; saturation shifts skip grey pixels; ToGray and brightness/contrast round
+# differently), so the 1.3 behaviour is written out here with OpenCV/numpy; docs/deviations.md
+# lists the facts it follows.
+COLOR_P, GRAY_P, BLUR_P = 0.8, 0.2, 0.5
+BRIGHTNESS_LIMIT = CONTRAST_LIMIT = 0.2       # RandomBrightnessContrast defaults (brightness_by_max)
+HUE_LIMIT, SAT_LIMIT, VAL_LIMIT = 20.0, 30.0, 20.0  # HueSaturationValue defaults (uint8 units)
+BLUR_LIMIT = (3, 5)                           # GaussianBlur(5): (0, 5) raised to (3, 5), sigma 0
 
-    kw = {} if seed is None else {"seed": int(seed)}
-    return A.Compose([A.Compose([A.RandomBrightnessContrast(p=1), A.HueSaturationValue(p=1)], p=0.8),
-                      A.ToGray(p=0.2), A.GaussianBlur(5, p=0.5)], **kw)
+
+@dataclass
+class AugParams:
+    """One draw of the strong augmentation. ``color``: brightness/contrast + HSV applied, with
+    contrast factor ``alpha``, brightness offset ``beta`` (fraction of 255) and HSV shifts; ``gray``:
+    ToGray applied; ``ksize``: Gaussian kernel size (0 = no blur; sigma follows from it)."""
+
+    color: bool = False
+    alpha: float = 1.0
+    beta: float = 0.0
+    hue: float = 0.0
+    sat: float = 0.0
+    val: float = 0.0
+    gray: bool = False
+    ksize: int = 0
 
 
-def strong_augment(img: torch.Tensor, aug) -> torch.Tensor:
+def brightness_contrast_uint8(img: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """albumentations 1.x ``brightness_contrast_adjust`` on uint8 (brightness_by_max): a float32 LUT
+    ``i * alpha + beta * 255``, clipped to [0, 255] and truncated to uint8. img: (H,W,C) uint8."""
+    lut = np.arange(256, dtype=np.float32)
+    if alpha != 1:
+        lut *= np.float32(alpha)
+    if beta != 0:
+        lut += np.float32(beta * 255)
+    return cv2.LUT(img, np.clip(lut, 0, 255).astype(np.uint8))
+
+
+def shift_hsv_uint8(img: np.ndarray, hue: float, sat: float, val: float) -> np.ndarray:
+    """albumentations 1.x ``shift_hsv`` on a 3-channel uint8 image: OpenCV HSV (hue in [0, 180)),
+    hue LUT ``(h + hue) mod 180``, saturation/value LUTs ``clip(x + shift, 0, 255)``, each truncated
+    to uint8 (every pixel, grey ones included), back to RGB."""
+    if hue == 0 and sat == 0 and val == 0:
+        return img
+    h, s, v = cv2.split(cv2.cvtColor(img, cv2.COLOR_RGB2HSV))
+    base = np.arange(256, dtype=np.float64)
+    if hue != 0:
+        h = cv2.LUT(h, np.mod(base + hue, 180).astype(np.uint8))
+    if sat != 0:
+        s = cv2.LUT(s, np.clip(base + sat, 0, 255).astype(np.uint8))
+    if val != 0:
+        v = cv2.LUT(v, np.clip(base + val, 0, 255).astype(np.uint8))
+    return cv2.cvtColor(cv2.merge((h, s, v)), cv2.COLOR_HSV2RGB)
+
+
+def to_gray_uint8(img: np.ndarray) -> np.ndarray:
+    """albumentations 1.x ``ToGray``: OpenCV RGB2GRAY (0.299 R + 0.587 G + 0.114 B), then the grey
+    channel copied to 3 channels."""
+    return cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+
+
+def gaussian_blur_uint8(img: np.ndarray, ksize: int) -> np.ndarray:
+    """albumentations 1.x ``gaussian_blur`` with sigma 0: ``cv2.GaussianBlur((k, k), 0)``, so OpenCV
+    derives sigma from k (for k = 3 and 5 it uses its fixed binomial kernels [1,2,1]/4 and
+    [1,4,6,4,1]/16); border reflect-101."""
+    return cv2.GaussianBlur(img, (ksize, ksize), 0)
+
+
+class StrongAug:
+    """The reference's strong augmentation with albumentations 1.3 semantics, drawing its parameters
+    in the very order albumentations 1.3 draws them from Python's ``random`` (a coin per Compose and
+    per transform, then each transform's ``get_params``), here from an own ``random.Random`` so that
+    it can be reseeded per epoch. Call it on an (H,W,3) uint8 image; returns a new uint8 image."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.rng = random.Random(seed)
+
+    def set_random_seed(self, seed: int) -> None:
+        self.rng.seed(int(seed))
+
+    def draw(self) -> AugParams:
+        r = self.rng
+        p = AugParams()
+        r.random()                          # the outer Compose's coin (p=1: always runs)
+        if r.random() < COLOR_P:            # inner Compose
+            p.color = True
+            r.random()                      # RandomBrightnessContrast coin (p=1)
+            p.alpha = 1.0 + r.uniform(-CONTRAST_LIMIT, CONTRAST_LIMIT)
+            p.beta = 0.0 + r.uniform(-BRIGHTNESS_LIMIT, BRIGHTNESS_LIMIT)
+            r.random()                      # HueSaturationValue coin (p=1)
+            p.hue = r.uniform(-HUE_LIMIT, HUE_LIMIT)
+            p.sat = r.uniform(-SAT_LIMIT, SAT_LIMIT)
+            p.val = r.uniform(-VAL_LIMIT, VAL_LIMIT)
+        p.gray = r.random() < GRAY_P
+        if r.random() < BLUR_P:
+            # 1.3's rule: randrange over [3, 5], an even draw moves to (k + 1) mod (5 + 1), so
+            # k = 3 with probability 1/3 and k = 5 with 2/3; sigma is drawn from (0, 0).
+            k = r.randrange(BLUR_LIMIT[0], BLUR_LIMIT[1] + 1)
+            if k % 2 != 1:
+                k = (k + 1) % (BLUR_LIMIT[1] + 1)
+            r.uniform(0.0, 0.0)
+            p.ksize = k
+        return p
+
+    @staticmethod
+    def apply(img: np.ndarray, p: AugParams) -> np.ndarray:
+        """Apply one draw to an (H,W,3) uint8 image (the transforms in the Compose order)."""
+        out = img
+        if p.color:
+            out = brightness_contrast_uint8(out, p.alpha, p.beta)
+            out = shift_hsv_uint8(out, p.hue, p.sat, p.val)
+        if p.gray:
+            out = to_gray_uint8(out)
+        if p.ksize:
+            out = gaussian_blur_uint8(out, p.ksize)
+        return np.ascontiguousarray(out)
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        return self.apply(img, self.draw())
+
+
+def build_strong_aug(seed: int | None = None) -> StrongAug:
+    """The reference's strong augmentation (albumentations 1.3 semantics), seeded with ``seed``."""
+    return StrongAug(seed)
+
+
+def strong_augment(img: torch.Tensor, aug: StrongAug) -> torch.Tensor:
     """Colour-augment a normalised batch ``(B,3,H,W)`` as the reference: de-normalise to [0,255], swap
     R/B (the reference applies cv2 BGR2RGB to an RGB image, so HSV/ToGray act on BGR), truncate to
-    uint8, augment, swap back, /255, normalise. Returns a new tensor on ``img``'s device."""
+    uint8, augment, swap back, /255, normalise. Returns a new contiguous float tensor on ``img``'s
+    device (a channels-last result crashes DeepLabV2's CPU backward in torch 2.14)."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    x = ((img.detach().float().cpu() * std + mean) * 255.0).permute(0, 2, 3, 1).numpy()
+    x = ((img.detach().float().cpu() * std + mean) * 255.0).permute(0, 2, 3, 1).contiguous().numpy()
     out = np.empty(x.shape, dtype=np.float32)
     for i in range(x.shape[0]):
-        bgr = cv2.cvtColor(np.ascontiguousarray(x[i]), cv2.COLOR_BGR2RGB).astype(np.uint8)  # astype truncates, as the reference
-        aug_img = aug(image=bgr)["image"]
-        out[i] = cv2.cvtColor(aug_img, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-    y = (torch.from_numpy(out).permute(0, 3, 1, 2) - mean) / std
-    return y.to(img.device, dtype=img.dtype)
+        bgr = cv2.cvtColor(x[i], cv2.COLOR_BGR2RGB).astype(np.uint8)  # astype truncates, as the reference
+        out[i] = cv2.cvtColor(aug(bgr), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+    y = (torch.from_numpy(out).permute(0, 3, 1, 2).contiguous() - mean) / std
+    return y.to(img.device, dtype=img.dtype).contiguous()
 
 
 def boundary_map(alpha: np.ndarray, size: int = 1) -> np.ndarray:
@@ -157,22 +277,37 @@ def class_mix_batch(img: torch.Tensor, label: torch.Tensor, mask: torch.Tensor, 
 def beco_losses(logits1: torch.Tensor, logits2: torch.Tensor, label: torch.Tensor, mask: torch.Tensor,
                 bdry: torch.Tensor, st: BECOSettings) -> dict[str, torch.Tensor]:
     """The four BECO terms (each a mean over all B·H·W pixels; ignored pixels contribute 0):
-    confident pixels learn ``label`` (boundary ×(1+bdry_whb)), unconfident pixels learn the other
-    net's argmax (boundary ×(1+bdry_wlb)). logits: (B,C,H,W); label/mask/bdry: (B,H,W)."""
+    confident pixels learn ``label``, unconfident pixels learn the other net's argmax; boundary pixels
+    are weighted 1 + w·bdry with w = ``bdry_whb`` (loss_ce1), ``bdry_whi`` (loss_ce2), ``bdry_wlb``
+    (loss_cot1), ``bdry_wli`` (loss_cot2). logits: (B,C,H,W); label/mask/bdry: (B,H,W)."""
     m = mask.float()
     p1 = logits1.detach().argmax(1)
     p2 = logits2.detach().argmax(1)
     ce = lambda lg, y: F.cross_entropy(lg.float(), y, ignore_index=IGNORE, reduction="none")  # noqa: E731
-    w_hi = 1 + st.bdry_whb * bdry
-    w_lo = 1 + st.bdry_wlb * bdry
     out = {
-        "loss_ce1": (ce(logits1, label) * m * w_hi).mean(),
-        "loss_ce2": (ce(logits2, label) * m * w_hi).mean(),
-        "loss_cot1": (ce(logits1, p2) * (1 - m) * w_lo).mean(),
-        "loss_cot2": (ce(logits2, p1) * (1 - m) * w_lo).mean(),
+        "loss_ce1": (ce(logits1, label) * m * (1 + st.bdry_whb * bdry)).mean(),
+        "loss_ce2": (ce(logits2, label) * m * (1 + st.bdry_whi * bdry)).mean(),
+        "loss_cot1": (ce(logits1, p2) * (1 - m) * (1 + st.bdry_wlb * bdry)).mean(),
+        "loss_cot2": (ce(logits2, p1) * (1 - m) * (1 + st.bdry_wli * bdry)).mean(),
     }
     out["loss"] = out["loss_ce1"] + out["loss_ce2"] + out["loss_cot1"] + out["loss_cot2"]
     return out
+
+
+def check_batch(img: torch.Tensor, label: torch.Tensor, mask: torch.Tensor):
+    """Validate a training batch and return it contiguous: img (B,3,H,W) float32, label and mask
+    (B,H,W) int64. Raises :class:`DataError` naming what differs (a wrong dtype would change the
+    losses silently; a channels-last image crashes DeepLabV2's CPU backward in torch 2.14)."""
+    problems = []
+    if img.dtype != torch.float32 or img.dim() != 4 or img.shape[1] != 3:
+        problems.append(f"images must be float32 (B,3,H,W), got {img.dtype} {tuple(img.shape)}")
+    for what, t in (("labels", label), ("masks", mask)):
+        if t.dtype != torch.int64 or t.dim() != 3 or (img.dim() == 4 and t.shape != (img.shape[0], *img.shape[2:])):
+            problems.append(f"{what} must be int64 (B,H,W) matching the images, got {t.dtype} {tuple(t.shape)}")
+    if problems:
+        raise DataError("BECO training batch: " + "; ".join(problems) +
+                        " (segmentation.beco.datasets.PseudoMaskTrainSet yields this layout)")
+    return img.contiguous(), label.contiguous(), mask.contiguous()
 
 
 class BECO(nn.Module):
@@ -193,7 +328,7 @@ class BECO(nn.Module):
 
     def reseed_aug(self, seed: int) -> None:
         """Restart the augmentation RNG (per epoch, so that a resumed run repeats the same epochs)."""
-        if self.aug is not None and hasattr(self.aug, "set_random_seed"):
+        if self.aug is not None:
             self.aug.set_random_seed(int(seed))
 
     @torch.no_grad()
@@ -212,7 +347,9 @@ class BECO(nn.Module):
 
     def train_step(self, img: torch.Tensor, label: torch.Tensor, mask: torch.Tensor,
                    autocast: contextlib.AbstractContextManager | None = None) -> dict[str, torch.Tensor]:
-        """One BECO forward on a batch; returns the losses (``loss`` = total, to be back-propagated)."""
+        """One BECO forward on a batch; returns the losses (``loss`` = total, to be back-propagated).
+        img (B,3,H,W) float32, label (B,H,W) int64, mask (B,H,W) int64 (see :func:`check_batch`)."""
+        img, label, mask = check_batch(img, label, mask)
         st = self.settings
         warm = self.epoch < st.warm_up
         on_lab = on_msk = None
