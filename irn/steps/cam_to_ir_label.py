@@ -1,7 +1,8 @@
 """cam_to_ir_label: confident fg/bg seeds for IRN training via two dense CRFs (stage2.md §1.3).
 
 Writes ``<ir_label_out_dir>/<id>.png``: uint8 single channel ("L"), values 0 (confident bg),
-1..20 (confident class), 255 (unknown).
+1..20 (confident class), 255 (unknown), and the folder's ``.provenance.json`` (tools.provenance):
+an IR label is reused only while its CAM file, image, thresholds and CRF parameters are unchanged.
 """
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from irn.steps.common import load_cam_dict, pending
+from irn.steps.common import load_cam_dict, per_id
 from irn.steps.common import mp_start_method as _mp_start
 from tools.crf import dense_crf_labels
 from tools.io import save_png
-from voc12.data import load_image, read_id_list
+from tools.provenance import Provenance, folder_id, stat_key, upstream_id
+from voc12.data import image_path, load_image, read_id_list
+
+VERSION = 1  # output format of ir_label/<id>.png; bump when the code changes what it writes
 
 #: reference crf_inference_label parameters (crf.json "irn_cam_to_ir_label")
 IRN_CRF = dict(gt_prob=0.7, n_iter=10, gauss_sxy=3, gauss_compat=3, bil_sxy=50, bil_srgb=5, bil_compat=10)
@@ -55,12 +59,29 @@ def _one(job: tuple[str, str, str, str, float, float]) -> str:
     return name
 
 
+def provenance(args: Any) -> Provenance:
+    """The ir_label folder's record: the CAM folder's record, VOC root, thresholds and CRF parameters."""
+    return Provenance(args.ir_label_out_dir, "cam_to_ir_label", VERSION,
+                      {"cams": upstream_id(args.cam_out_dir), "voc12_root": folder_id(args.voc12_root)},
+                      {"conf_fg_thres": float(args.conf_fg_thres), "conf_bg_thres": float(args.conf_bg_thres),
+                       "crf": IRN_CRF})
+
+
 def run(args: Any) -> None:
     ids = read_id_list(args.train_list)
-    todo = pending(ids, args.ir_label_out_dir, ".png", args.overwrite)
+    prov = provenance(args)
+    cam_dir = Path(args.cam_out_dir)
+    plan = prov.start(ids, per_id(args.ir_label_out_dir, ".png"),
+                      lambda i: stat_key(image_path(args.voc12_root, i), cam_dir / f"{i}.npy"),
+                      args.overwrite, "IR labels")
+    todo = plan.todo
     print(f"cam_to_ir_label: {len(todo)} of {len(ids)} images to do -> {args.ir_label_out_dir}")
-    if not todo:
-        return
+    if todo:
+        _run_jobs(todo, args)
+    prov.finish()
+
+
+def _run_jobs(todo: list[str], args: Any) -> None:
     from tools.crf import require_crf
 
     require_crf()

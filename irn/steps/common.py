@@ -1,4 +1,4 @@
-"""Small helpers shared by the IRN steps: pending-output filtering, CAM-file IO, per-GPU fan-out."""
+"""Small helpers shared by the IRN steps: per-image output paths, CAM-file IO, per-GPU fan-out."""
 from __future__ import annotations
 
 import os
@@ -8,18 +8,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from tools.errors import DataError, require_file
+from tools.errors import DataError
 from tools.io import atomic_save_npy
 
 CAM_HINT = "run the make_cam step first (python run_sample.py --make_cam_pass true)"
 
 
-def pending(ids: Sequence[str], out_dir: os.PathLike | str, suffix: str, overwrite: bool) -> list[str]:
-    """Ids whose ``<out_dir>/<id><suffix>`` does not exist yet (all ids with ``overwrite``)."""
-    if overwrite:
-        return list(ids)
+def per_id(out_dir: os.PathLike | str, *suffixes: str) -> Callable[[str], list[Path]]:
+    """``id -> [<out_dir>/<id><suffix>, ...]``: a step's per-image outputs (for tools.provenance)."""
     out_dir = Path(out_dir)
-    return [i for i in ids if not (out_dir / f"{i}{suffix}").exists()]
+    return lambda i: [out_dir / f"{i}{s}" for s in suffixes]
 
 
 def save_cam_dict(path: os.PathLike | str, keys: np.ndarray, cam: np.ndarray, high_res: np.ndarray) -> None:
@@ -30,20 +28,49 @@ def save_cam_dict(path: os.PathLike | str, keys: np.ndarray, cam: np.ndarray, hi
 
 
 def load_cam_dict(path: os.PathLike | str) -> dict[str, np.ndarray]:
-    """Read a ``cam/<id>.npy`` (ours or the reference's, whose ``keys``/``cam`` are torch tensors)."""
-    p = require_file(path, "IRN CAM file", CAM_HINT)
-    try:
-        d = np.load(p, allow_pickle=True).item()
-    except Exception as e:
-        raise DataError(f"cannot read CAM file '{p}': {e}; expected np.save of a dict {{keys, cam, high_res}}. "
-                        f"Re-create it with --overwrite.") from e
+    """Read a ``cam/<id>.npy`` (ours or the reference's, whose ``keys``/``cam`` are torch tensors).
+
+    Returns plain numpy ``keys`` int64 (C,), ``cam`` (C, ceil(H/4), ceil(W/4)), ``high_res`` (C, H, W).
+    The pickle is read with the restricted unpickler of :mod:`tools.safe_load` (tensors rebuilt with
+    ``weights_only``; no code in the file runs). Inconsistent shapes, keys outside 0..19 and NaN/inf
+    are errors naming the file.
+    """
+    from tools.safe_load import load_npy, require_finite
+
+    what = "IRN CAM file"
+    d = load_npy(path, what, CAM_HINT, holds="a dict {keys, cam, high_res} of arrays or tensors",
+                 torch_tensors=True)
+    redo = f"{CAM_HINT} with --overwrite"
+    if not isinstance(d, dict):
+        raise DataError(f"{what} '{path}' holds a {type(d).__name__}; expected np.save of a dict "
+                        f"{{keys, cam, high_res}}. {redo}")
     out = {}
     for k in ("keys", "cam", "high_res"):
         if k not in d:
-            raise DataError(f"CAM file '{p}' has no '{k}' entry (keys: {sorted(d)}); {CAM_HINT} with --overwrite")
+            raise DataError(f"{what} '{path}' has no '{k}' entry (keys: {sorted(map(str, d))}); {redo}")
         v = d[k]
-        out[k] = v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-    out["keys"] = out["keys"].astype(np.int64)
+        v = v.cpu().numpy() if isinstance(v, torch.Tensor) else v
+        if not isinstance(v, np.ndarray) or v.dtype.kind not in "fiu":
+            raise DataError(f"{what} '{path}' entry '{k}' is a {type(v).__name__}"
+                            f"{' of ' + str(v.dtype) if isinstance(v, np.ndarray) else ''}; expected a numeric "
+                            f"array. {redo}")
+        out[k] = v
+    keys, cam, high = out["keys"], out["cam"], out["high_res"]
+    if keys.ndim != 1 or keys.dtype.kind not in "iu" or (keys.size and not (0 <= keys.min() and keys.max() < 20)):
+        raise DataError(f"{what} '{path}': 'keys' must be a 1-D integer array of class indices 0..19, got "
+                        f"{keys.dtype} {keys.shape} {keys.tolist()[:8]}. {redo}")
+    c = len(keys)
+    ok = cam.ndim == 3 and high.ndim == 3 and cam.shape[0] == c and high.shape[0] == c
+    if ok:
+        _, h, w = high.shape
+        ok = cam.shape[1:] == (-(-h // 4), -(-w // 4))
+    if not ok:
+        raise DataError(f"{what} '{path}' has inconsistent shapes: keys ({c},), cam {cam.shape}, high_res "
+                        f"{high.shape}; expected cam (C, ceil(H/4), ceil(W/4)) and high_res (C, H, W) with C = "
+                        f"len(keys). {redo}")
+    for k in ("cam", "high_res"):
+        require_finite(out[k], path, what, f"entry '{k}'", redo)
+    out["keys"] = keys.astype(np.int64)
     return out
 
 

@@ -6,7 +6,9 @@ floor(n_k · thd) pixels with the largest margin get mask 1.  Ties at the cut ar
 stable rule (documented deviation): among equal margins, the pixel earlier in raster order
 wins (the reference's unstable ``torch.sort`` leaves this implementation-defined).
 Output: ``<mask_out_dir>/<id>.png`` as an RGB PNG with 0/255 in every channel, exactly what
-the reference's ``torchvision.utils.save_image`` wrote (BECO reads it with ``.convert('1')``).
+the reference's ``torchvision.utils.save_image`` wrote (BECO reads it with ``.convert('1')``),
+and the folder's ``.provenance.json`` (tools.provenance): a mask is reused only while its score file,
+the score folder's record and ``thd`` are unchanged.
 """
 from __future__ import annotations
 
@@ -19,8 +21,12 @@ import torch
 from tqdm import tqdm
 
 from irn.steps.common import mp_start_method as _mp_start
+from irn.steps.common import per_id
 from tools.checkpoint import load_torch_file
 from tools.io import save_png
+from tools.provenance import Provenance, read_record, record_path_for, stat_key, upstream_id
+
+VERSION = 1  # output format of mask_irn/<id>.png; bump when the code changes what it writes
 
 
 def confidence_mask(score: np.ndarray | torch.Tensor, pred: np.ndarray, thd: float = 0.5) -> np.ndarray:
@@ -49,8 +55,15 @@ def mask_png(mask: np.ndarray) -> np.ndarray:
 
 
 def load_score(path: Path) -> dict:
-    """Read ``score/<id>.pt`` (ours, or a reference CUDA-pickled one, mapped to CPU)."""
-    d = load_torch_file(path, what="random-walk score file", hint="run make_sem_seg_labels (run_sample.py) first")
+    """Read ``score/<id>.pt`` (ours, or a reference CUDA-pickled one, mapped to CPU): a dict with
+    ``pred`` int64 (H, W), ``score`` float tensor (C+1, H, W) and ``keys``. Read with
+    ``weights_only`` plus numpy arrays (no code in the file runs)."""
+    hint = "run make_sem_seg_labels (run_sample.py) first"
+    d = load_torch_file(path, what="random-walk score file", hint=hint, numpy=True)
+    if not isinstance(d, dict) or not {"pred", "score"} <= set(d):
+        from tools.errors import DataError
+
+        raise DataError(f"random-walk score file '{path}' is not a dict with 'pred' and 'score'; {hint}")
     return d
 
 
@@ -70,7 +83,15 @@ def run(args: Any) -> None:
 
         raise MissingFileError(f"no score files (*.pt) in '{score_dir}'; run `python run_sample.py` first "
                                f"(make_sem_seg_labels writes them) or pass --score_dir")
-    todo = files if args.overwrite else [f for f in files if not (out_dir / (f.stem + ".png")).exists()]
+    upstream = read_record(record_path_for(score_dir))
+    if upstream is not None and upstream.get("items") is not None:
+        # score files the score folder's record does not list were made from other inputs (an older list)
+        files = [f for f in files if f.stem in upstream["items"]]
+    ids = [f.stem for f in files]
+    prov = Provenance(out_dir, "gen_mask", VERSION, {"scores": upstream_id(score_dir)}, {"thd": float(args.thd)})
+    plan = prov.start(ids, per_id(out_dir, ".png"), lambda i: stat_key(score_dir / f"{i}.pt"), args.overwrite,
+                      "masks")
+    todo = [score_dir / f"{i}.pt" for i in plan.todo]
     print(f"gen_mask: {len(todo)} of {len(files)} masks to do -> {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(str(f), str(out_dir), float(args.thd)) for f in todo]
@@ -78,7 +99,8 @@ def run(args: Any) -> None:
     if workers == 1:
         for j in tqdm(jobs, desc="gen_mask"):
             _one(j)
-        return
-    with mp.get_context(_mp_start()).Pool(workers) as pool:
-        for _ in tqdm(pool.imap_unordered(_one, jobs, chunksize=4), total=len(jobs), desc="gen_mask"):
-            pass
+    else:
+        with mp.get_context(_mp_start()).Pool(workers) as pool:
+            for _ in tqdm(pool.imap_unordered(_one, jobs, chunksize=4), total=len(jobs), desc="gen_mask"):
+                pass
+    prov.finish()

@@ -1,7 +1,8 @@
 """make_cam: multi-scale + flip CAMs of the stage-one network for IRN (stage2.md §1.2).
 
 Writes ``<cam_out_dir>/<id>.npy`` = ``{"keys", "cam", "high_res"}`` (plain numpy; see
-``irn.steps.common.save_cam_dict``).
+``irn.steps.common.save_cam_dict``) and the folder's ``.provenance.json`` (tools.provenance): a rerun
+reuses a CAM only when the checkpoint, labels, scales and its image are unchanged.
 """
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from irn.steps.common import pending, run_split, save_cam_dict
+from irn.steps.common import per_id, run_split, save_cam_dict
 from tools.checkpoint import load_state_dict_checked, load_torch_file
+from tools.errors import require_file
 from tools.misc import get_device
-from voc12.data import MSFDataset, load_cls_labels, read_id_list
+from tools.provenance import Provenance, file_id, folder_id, stat_key
+from voc12.data import MSFDataset, image_path, load_cls_labels, read_id_list
+
+VERSION = 1  # output format of cam/<id>.npy; bump when the code changes what it writes
 
 CAM_WEIGHTS_HINT = ("train stage one (python train.py --name <name>) and pass --cam_weights_name "
                     "experiments/<name>/ckpt/NNNnet_main (without .pth), or put the KTSE+ release "
@@ -62,7 +67,7 @@ def build_cam_network(weights_name: str, width: float | None = None) -> torch.nn
     """
     from models.resnet38d import Net_gpp
 
-    path = weights_name if str(weights_name).endswith(".pth") else f"{weights_name}.pth"
+    path = cam_weights_path(weights_name)
     sd = load_torch_file(path, what="stage-one checkpoint (Net_gpp state_dict)", hint=CAM_WEIGHTS_HINT)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
@@ -128,11 +133,28 @@ def _orig_size(arrays: list[np.ndarray], scales: Sequence[float]) -> tuple[int, 
     raise ValueError(f"--cam_scales must contain 1.0 (got {list(scales)})")
 
 
+def cam_weights_path(weights_name: str) -> str:
+    return weights_name if str(weights_name).endswith(".pth") else f"{weights_name}.pth"
+
+
+def provenance(args: Any) -> Provenance:
+    """The CAM folder's record: stage-one checkpoint (sha256), class labels, VOC root, scales, width."""
+    ckpt = cam_weights_path(args.cam_weights_name)
+    require_file(ckpt, "stage-one checkpoint (Net_gpp state_dict)", CAM_WEIGHTS_HINT)
+    return Provenance(args.cam_out_dir, "make_cam", VERSION,
+                      {"stage-one checkpoint": file_id(ckpt, content=True),
+                       "cls_labels": file_id(args.cls_labels, content=True), "voc12_root": folder_id(args.voc12_root)},
+                      {"cam_scales": [float(s) for s in args.cam_scales],
+                       "cam_width": getattr(args, "cam_width", None)})
+
+
 def run(args: Any) -> None:
     ids = read_id_list(args.train_list)
-    todo = pending(ids, args.cam_out_dir, ".npy", args.overwrite)
-    print(f"make_cam: {len(todo)} of {len(ids)} images to do -> {args.cam_out_dir}")
-    if not todo:
-        return
-    Path(args.cam_out_dir).mkdir(parents=True, exist_ok=True)
-    run_split(_worker, todo, args, get_device(args.device))
+    prov = provenance(args)
+    outputs = per_id(args.cam_out_dir, ".npy")
+    plan = prov.start(ids, outputs, lambda i: stat_key(image_path(args.voc12_root, i)), args.overwrite, "CAMs")
+    print(f"make_cam: {len(plan.todo)} of {len(ids)} images to do -> {args.cam_out_dir}")
+    if plan.todo:
+        Path(args.cam_out_dir).mkdir(parents=True, exist_ok=True)
+        run_split(_worker, plan.todo, args, get_device(args.device))
+    prov.finish()

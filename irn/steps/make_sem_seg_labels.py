@@ -2,7 +2,9 @@
 
 Writes ``<sem_seg_out_dir>/<id>.png`` (uint8 "L", VOC ids 0..20, no palette) and
 ``<score_dir>/<id>.pt`` = ``torch.save({"pred": np.int64 (H,W), "score": CPU float32 tensor
-(C+1,H,W), "keys": np.int64 (C+1,)})`` — the reference saved ``score`` as a CUDA tensor.
+(C+1,H,W), "keys": np.int64 (C+1,)})`` — the reference saved ``score`` as a CUDA tensor — and a
+``.provenance.json`` in both folders (tools.provenance): an image is reused only while the IRN weights,
+its CAM file, its image and the random-walk settings are unchanged.
 """
 from __future__ import annotations
 
@@ -16,11 +18,15 @@ from tqdm import tqdm
 from irn.data import ImageFlipDataset
 from irn.net.resnet50_irn import EdgeDisplacement, load_irn_weights
 from irn.random_walk import propagate_to_edge, sem_seg_from_rw
-from irn.steps.common import load_cam_dict, pending, run_split
+from irn.steps.common import load_cam_dict, per_id, run_split
 from tools.checkpoint import load_torch_file
+from tools.errors import require_file
 from tools.io import atomic_torch_save, save_png
 from tools.misc import get_device
-from voc12.data import read_id_list
+from tools.provenance import Provenance, file_id, folder_id, report, stat_key, upstream_id
+from voc12.data import image_path, read_id_list
+
+VERSION = 1  # output format of sem_seg/<id>.png and score/<id>.pt; bump when the code changes them
 
 
 def _identity(x: Any) -> Any:
@@ -73,13 +79,41 @@ def _worker(ids: list[str], args: Any, device: torch.device, rank: int) -> None:
             save_png(sem_dir / f"{name}.png", pred.astype(np.uint8))
 
 
+def provenance(args: Any, out_dir: str) -> Provenance:
+    """The record of the pseudo-label and score folders (same content in both): IRN weights (sha256),
+    the CAM folder's record, VOC root and the random-walk settings."""
+    require_file(args.irn_weights_name, "IRN weights (res50_irn.pth)",
+                 "run the train_irn step first (python run_sample.py --train_irn_pass true)")
+    mode = rw_mode_for(args.rw_mode, get_device(args.device))
+    return Provenance(out_dir, "make_sem_seg_labels", VERSION,
+                      {"IRN weights": file_id(args.irn_weights_name, content=True),
+                       "cams": upstream_id(args.cam_out_dir), "voc12_root": folder_id(args.voc12_root)},
+                      {"beta": args.beta, "exp_times": args.exp_times, "sem_seg_bg_thres": args.sem_seg_bg_thres,
+                       "rw_mode": mode, "irn_crop_size": args.irn_crop_size,
+                       "irn_backbone_width": args.irn_backbone_width})
+
+
 def run(args: Any) -> None:
     ids = read_id_list(args.train_list)
-    todo = sorted(set(pending(ids, args.sem_seg_out_dir, ".png", args.overwrite))
-                  | set(pending(ids, args.score_dir, ".pt", args.overwrite)), key=ids.index)
+    cam_dir = Path(args.cam_out_dir)
+
+    def item(i: str) -> list | None:
+        return stat_key(image_path(args.voc12_root, i), cam_dir / f"{i}.npy")
+
+    sem = provenance(args, args.sem_seg_out_dir)
+    score = provenance(args, args.score_dir)
+    sem_out, score_out = per_id(args.sem_seg_out_dir, ".png"), per_id(args.score_dir, ".pt")
+    p1, p2 = sem.plan(ids, sem_out, item, args.overwrite), score.plan(ids, score_out, item, args.overwrite)
+    todo = sorted(set(p1.todo) | set(p2.todo), key=ids.index)
+    p1.todo = p2.todo = todo  # an image is redone in both folders: a .png and its .pt always agree
+    line = report("make_sem_seg_labels", p1 if p1.change else p2, "pseudo-labels")
+    if line:
+        print(line, flush=True)
     print(f"make_sem_seg_labels: {len(todo)} of {len(ids)} images to do -> {args.sem_seg_out_dir}, {args.score_dir}")
-    if not todo:
-        return
-    Path(args.sem_seg_out_dir).mkdir(parents=True, exist_ok=True)
-    Path(args.score_dir).mkdir(parents=True, exist_ok=True)
-    run_split(_worker, todo, args, get_device(args.device))
+    for prov, plan, outs in ((sem, p1, sem_out), (score, p2, score_out)):
+        if todo or not prov.complete:
+            prov.begin(plan, outs)
+    if todo:
+        run_split(_worker, todo, args, get_device(args.device))
+    sem.finish()
+    score.finish()

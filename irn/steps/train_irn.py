@@ -6,7 +6,10 @@ reference's ``PolyOptimizer`` bug — SGD momentum 1e-4 (weight_decay passed int
 momentum slot).  ``--irn_fix_momentum true`` uses momentum 0.9 (docs/deviations.md).
 After training, ``mean_shift.running_mean`` = mean displacement over ``infer_list``
 (top-left crops); the AffinityDisplacementLoss state_dict (all reference alias keys plus the
-loss buffers) is saved to ``irn_weights_name``.
+loss buffers) is saved to ``irn_weights_name``, with its record ``.res50_irn.pth.provenance.json``
+beside it (tools.provenance). A rerun skips training when the record matches; when the IR labels or a
+setting changed it stops with an error naming the change (``--overwrite`` retrains): finished weights
+are never replaced silently.
 """
 from __future__ import annotations
 
@@ -20,10 +23,14 @@ from tqdm import tqdm
 from irn.data import AffinityDataset, TopLeftCropDataset
 from irn.net.resnet50_irn import AffinityDisplacementLoss
 from irn.path_index import PathIndex
-from tools.errors import DataError, require_dir
+from tools.checkpoint import load_torch_file
+from tools.errors import DataError, WSSSError, require_dir
 from tools.io import atomic_torch_save
 from tools.misc import get_device, poly_lr, seed_everything
+from tools.provenance import Provenance, file_id, folder_id, ids_id, upstream_id
 from voc12.data import read_id_list
+
+VERSION = 1  # format of res50_irn.pth; bump when the code changes what training produces
 
 IMAGENET_HINT = ("download https://download.pytorch.org/models/resnet50-19c8e357.pth (torchvision ResNet-50 "
                  "ImageNet weights) and pass its path with --irn_backbone_init, or --irn_backbone_init none "
@@ -83,12 +90,56 @@ def _optimizer(model: AffinityDisplacementLoss, args: Any) -> torch.optim.SGD:
     ], lr=args.irn_learning_rate, momentum=momentum)
 
 
+def backbone_init_file(args: Any) -> Path | None:
+    """The ImageNet file build_model will load (None for a random backbone or when none is found)."""
+    init = str(args.irn_backbone_init)
+    if init.lower() == "none":
+        return None
+    return next((p for p in default_imagenet_paths(init) if p.is_file()), None)
+
+
+def provenance(args: Any) -> Provenance:
+    """The record of ``irn_weights_name``: the IR labels (their record and every training id's item),
+    the lists, VOC root, backbone init file (sha256), every irn_* setting and the seed."""
+    ids = read_id_list(args.train_list)
+    init = backbone_init_file(args)
+    return Provenance(args.irn_weights_name, "train_irn", VERSION,
+                      {"ir_labels": upstream_id(args.ir_label_out_dir, ids=ids), "train_list": ids_id(ids),
+                       "infer_list": ids_id(read_id_list(args.infer_list)), "voc12_root": folder_id(args.voc12_root),
+                       "backbone init": file_id(init, content=True) if init else str(args.irn_backbone_init)},
+                      {k: getattr(args, k) for k in ("irn_crop_size", "irn_batch_size", "irn_num_epoches",
+                                                     "irn_learning_rate", "irn_weight_decay", "irn_fix_momentum",
+                                                     "irn_backbone_width", "seed")}, is_dir=False)
+
+
 def run(args: Any) -> None:
     out = Path(args.irn_weights_name)
     resume_path = out.with_name(out.name + ".resume")
+    prov = provenance(args)
+    change = prov.change()
     if out.exists() and not args.overwrite:
-        print(f"train_irn: {out} exists, skipping (--overwrite to retrain)")
-        return
+        if prov.matches():  # (a 'running' record here: killed between saving the weights and the record)
+            print(f"train_irn: {out} was trained from the same inputs and settings, skipping (--overwrite to retrain)")
+            if not prov.complete:
+                prov.start_single()
+                prov.finish()
+            return
+        raise WSSSError(f"train_irn: {out} exists but does not match the current inputs and settings: {change}. "
+                        f"Pass --overwrite true to retrain it (add --make_cam_pass false --cam_to_ir_label_pass false "
+                        f"to keep the CAMs and IR labels).")
+    resume = bool(args.resume) and resume_path.exists()
+    if resume and not prov.matches():
+        raise WSSSError(f"train_irn: the interrupted training {resume_path} was made from other inputs: {change}. "
+                        f"Pass --resume false to train from scratch.")
+    if not resume and resume_path.exists():
+        print(f"train_irn: ignoring {resume_path} (pass --resume true to continue it"
+              f"{'' if prov.matches() else '; it was made from other inputs: ' + str(change)})")
+    elif out.exists() and change:
+        print(f"train_irn: --overwrite: retraining {out} ({change})")
+    prov.start_single()
+    # weights of other inputs go before training starts: with a 'running' record, an existing weights
+    # file then always means "saved by this training, killed before the record was completed"
+    out.unlink(missing_ok=True)
     seed_everything(args.seed)
     device = get_device(args.device)
     require_dir(args.ir_label_out_dir, "ir_label folder", "run cam_to_ir_label first")
@@ -109,8 +160,8 @@ def run(args: Any) -> None:
     opt = _optimizer(model, args)
     base_lrs = [g["lr"] for g in opt.param_groups]
     step, start_ep = 0, 0
-    if args.resume and resume_path.exists():
-        st = torch.load(resume_path, map_location="cpu", weights_only=False)
+    if resume:
+        st = load_torch_file(resume_path, "IRN training state", "run without --resume to start over")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         step, start_ep = st["step"], st["epoch"] + 1
@@ -141,6 +192,7 @@ def run(args: Any) -> None:
                           resume_path)
     set_mean_shift(model, args, device)
     atomic_torch_save(model.state_dict(), out)
+    prov.finish()
     resume_path.unlink(missing_ok=True)
     print(f"train_irn: saved {out}")
 
