@@ -27,9 +27,17 @@ def get_device(name: str | None = "auto") -> torch.device:
     """
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    from tools.errors import DeviceError
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {name}: not a device name (expected auto | cpu | cuda | cuda:N)") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} requested but CUDA is not available; use --device cpu")
+        raise DeviceError(f"--device {name} requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
