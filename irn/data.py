@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from irn.path_index import PathIndex, affinity_labels
 from tools.imutils import normalize_imagenet, pil_resize, read_label_png
-from voc12.data import EpochSeededDataset, hwc_to_chw, load_image, random_crop_pad
+from tools.errors import DataError
+from voc12.data import EpochSeededDataset, hwc_to_chw, load_image, random_crop_pad, scaled_side
 
 IGNORE = 255
 
@@ -72,10 +73,11 @@ class AffinityDataset(EpochSeededDataset):
         img = load_image(self.voc_root, name)
         label = read_label_png(self.label_dir / f"{name}.png")
         if label.shape != img.shape[:2]:
-            raise ValueError(f"ir_label {self.label_dir / (name + '.png')} is {label.shape}, image {img.shape[:2]}")
+            raise DataError(f"ir_label {self.label_dir / (name + '.png')} is {label.shape}, image {img.shape[:2]}; "
+                            "re-create it (run_sample.py --cam_to_ir_label_pass true --overwrite)")
         if self.rescale:
             s = self.rescale[0] + rng.random() * (self.rescale[1] - self.rescale[0])
-            size = (int(np.round(img.shape[0] * s)), int(np.round(img.shape[1] * s)))
+            size = (scaled_side(img.shape[0] * s), scaled_side(img.shape[1] * s))
             img = pil_resize(img, size, "bicubic")
             label = pil_resize(label, size, "nearest")
         img = normalize_imagenet(img)
@@ -83,7 +85,7 @@ class AffinityDataset(EpochSeededDataset):
             img, label = img[:, ::-1], label[:, ::-1]
         img, label = crop_image_and_label(img, label, self.crop_size, rng)
         h, w = label.shape
-        reduced = pil_resize(label, (int(np.round(h * 0.25)), int(np.round(w * 0.25))), "nearest")
+        reduced = pil_resize(label, (scaled_side(h * 0.25), scaled_side(w * 0.25)), "nearest")
         bg, fg, neg = affinity_labels(reduced, self.path_index.src_indices, self.path_index.dst_indices)
         return {"name": name, "img": torch.from_numpy(hwc_to_chw(img)),
                 "aff_bg_pos_label": torch.from_numpy(bg), "aff_fg_pos_label": torch.from_numpy(fg),

@@ -59,19 +59,51 @@ def read_rgb(path: os.PathLike | str) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
-def read_label_png(path: os.PathLike | str) -> np.ndarray:
+def read_label_png(path: os.PathLike | str, num_classes: int | None = None) -> np.ndarray:
     """Read a label map PNG as class indices ``(H, W)`` uint8.
 
-    Palette ('P') PNGs give their indices (never colours); grayscale ('L') PNGs their values.
-    An RGB image is refused: its colours are not indices.
+    Palette ('P') PNGs give their indices (never colours); grayscale ('L') PNGs their values. A
+    16/32-bit grayscale PNG ('I;16', 'I') is accepted only when every value fits in 0..255 (a plain
+    cast would read 256 as 0 and 257 as 1). An RGB image is refused: its colours are not indices.
+    ``num_classes``: when given, every value must be a class index ``< num_classes`` or
+    ``IGNORE_INDEX`` (use :func:`read_gt_png` for ground truth); predictions are read without it.
     """
     im = _open_image(path, "label map")
     if im.mode in ("P", "L"):
-        return np.asarray(im, dtype=np.uint8).copy()
-    if im.mode in ("I", "I;16"):
-        return np.asarray(im).astype(np.uint8)
-    raise DataError(f"label map '{path}' has PIL mode {im.mode}; expected a palette (P) or grayscale (L) "
-                    "PNG whose pixel values are class indices.")
+        lab = np.asarray(im, dtype=np.uint8).copy()
+    elif im.mode.startswith("I"):
+        wide = np.asarray(im)
+        if wide.size and (int(wide.min()) < 0 or int(wide.max()) > 255):
+            raise DataError(f"label map '{path}' is a {im.mode} PNG with values from {int(wide.min())} to "
+                            f"{int(wide.max())}; class indices must lie in 0..255. Save it as an 8-bit palette "
+                            "(P) or grayscale (L) PNG of class indices.")
+        lab = wide.astype(np.uint8)
+    else:
+        raise DataError(f"label map '{path}' has PIL mode {im.mode}; expected a palette (P) or grayscale (L) "
+                        "PNG whose pixel values are class indices.")
+    if num_classes is not None:
+        check_class_values(lab, path, num_classes)
+    return lab
+
+
+def check_class_values(lab: np.ndarray, path: os.PathLike | str, num_classes: int = NUM_CLASSES + 1) -> None:
+    """Raise :class:`DataError` naming ``path`` unless every value of ``lab`` is ``< num_classes`` or
+    ``IGNORE_INDEX``. A value such as 30 would otherwise be counted as a valid pixel of no class."""
+    if not lab.size or int(lab.max()) < num_classes:
+        return
+    bad = (lab >= num_classes) & (lab != IGNORE_INDEX)
+    if bad.any():
+        vals = np.unique(lab[bad])
+        raise DataError(f"label map '{path}' holds value(s) {', '.join(str(int(v)) for v in vals[:5])}"
+                        f"{' ...' if vals.size > 5 else ''} in {int(bad.sum())} pixel(s); expected class indices "
+                        f"0..{num_classes - 1} and {IGNORE_INDEX} (ignore) only, as in VOC SegmentationClass "
+                        "palette PNGs. Check that the folder holds label maps of this dataset's classes.")
+
+
+def read_gt_png(path: os.PathLike | str, num_classes: int = NUM_CLASSES + 1) -> np.ndarray:
+    """Ground-truth label map ``(H, W)`` uint8: values ``0..num_classes-1`` or 255,
+    anything else is a :class:`DataError` naming the file. Every ground-truth read goes through here."""
+    return read_label_png(path, num_classes=num_classes)
 
 
 def write_label_png(path: os.PathLike | str, label: np.ndarray, palette: bool = True) -> None:

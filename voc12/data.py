@@ -24,6 +24,13 @@ def hwc_to_chw(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def scaled_side(size: float) -> int:
+    """A resized side: ``round(size)`` (Python round, half to even, as the reference) but at least 1.
+    A tiny image whose side rounds to 0 crashes the reference inside PIL; here it stays one pixel wide
+    (docs/deviations.md)."""
+    return max(1, round(size))
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage one: training pairs (stage1.md §3.3)
 # ----------------------------------------------------------------------------------------------
@@ -33,9 +40,9 @@ def random_resize_long(img: np.ndarray, rng: random.Random, lo: int, hi: int) ->
     h, w = img.shape[:2]
     target = rng.randint(int(lo), int(hi))
     if w < h:
-        new_w, new_h = round(w * target / h), target
+        new_w, new_h = scaled_side(w * target / h), target
     else:
-        new_w, new_h = target, round(h * target / w)
+        new_w, new_h = target, scaled_side(h * target / w)
     return pil_resize(img, (new_h, new_w), "bicubic")
 
 
@@ -144,11 +151,12 @@ class ClsPairDataset(EpochSeededDataset):
 def msf_inputs(img: np.ndarray, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0)) -> list[np.ndarray]:
     """The multi-scale inputs of one image: for each scale the normalised ``(3, round(H s), round(W s))``
     float32 array, then its horizontal flip -> ``2 * len(scales)`` arrays ``[s0, s0 flip, s1, ...]``.
-    Sizes use Python's round (half to even) and PIL bicubic on the original image, as the reference."""
+    Sizes use Python's round (half to even) and PIL bicubic on the original image, as the reference
+    (except that a side never drops to 0, see :func:`scaled_side`)."""
     h, w = img.shape[:2]
     out = []
     for s in scales:
-        r = pil_resize(img, (round(h * s), round(w * s)), "bicubic")
+        r = pil_resize(img, (scaled_side(h * s), scaled_side(w * s)), "bicubic")
         x = hwc_to_chw(normalize_imagenet(r))
         out.append(x)
         out.append(np.ascontiguousarray(x[:, :, ::-1]))

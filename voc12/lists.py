@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from tools.errors import DataError, MissingFileError, require_dir, require_file
-from tools.imutils import NUM_CLASSES, read_label_png, read_rgb
+from tools.imutils import NUM_CLASSES, read_gt_png, read_rgb
 
 DEFAULT_VOC_ROOT = "data/VOC2012"
 DEFAULT_CLS_LABELS = "voc12/cls_labels.npy"
@@ -40,23 +40,52 @@ def parse_id(token: str) -> str:
     return name
 
 
+_WARNED_DUPLICATES: set[str] = set()
+
+
 def read_id_list(path: os.PathLike | str) -> list[str]:
-    """Image ids of a list file (first whitespace token of each non-empty line)."""
+    """Image ids of a list file (first whitespace token of each non-empty line), in file order.
+
+    A UTF-8 byte-order mark and Windows line endings are ignored. A repeated id is kept once (first
+    occurrence) with a warning on stderr: it would otherwise be inferred twice and counted twice.
+    """
     p = require_file(path, "image list", LABELS_HINT)
-    ids = [parse_id(line.split()[0]) for line in p.read_text().splitlines() if line.strip()]
-    if not ids:
+    # utf-8-sig drops a leading BOM, which would otherwise stick to the first id
+    raw = [parse_id(line.split()[0]) for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if not raw:
         raise DataError(f"image list '{p}' is empty; expected one image id per line.")
+    ids = list(dict.fromkeys(raw))
+    if len(ids) < len(raw) and str(p) not in _WARNED_DUPLICATES:
+        _WARNED_DUPLICATES.add(str(p))  # once per process: the pipeline reads a list many times
+        import sys
+        from collections import Counter
+
+        dup = next(i for i, n in Counter(raw).items() if n > 1)
+        print(f"warning: image list '{p}' repeats {len(raw) - len(ids)} id(s) (e.g. '{dup}'); each id is used "
+              "once.", file=sys.stderr)
     return ids
 
 
 def load_cls_labels(path: os.PathLike | str = DEFAULT_CLS_LABELS) -> dict[str, np.ndarray]:
     """``{id: float32 (20,)}`` from a reference-format ``cls_labels.npy``."""
-    p = require_file(path, "class-label file (cls_labels.npy)", LABELS_HINT)
-    try:
-        d = np.load(p, allow_pickle=True).item()
-    except Exception as e:
-        raise DataError(f"'{p}' is not a cls_labels.npy dictionary ({e}). {LABELS_HINT}") from e
-    return {str(k): np.asarray(v, dtype=np.float32) for k, v in d.items()}
+    from tools.safe_load import load_npy
+
+    what = "class-label file (cls_labels.npy)"
+    d = load_npy(path, what, LABELS_HINT, holds=f"a dict {{image id: {NUM_CLASSES}-vector}}")
+    if not isinstance(d, dict):
+        raise DataError(f"{what} '{path}' holds a {type(d).__name__}, expected a dict {{image id: float32 "
+                        f"({NUM_CLASSES},)}}. {LABELS_HINT}")
+    out = {}
+    for k, v in d.items():
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (str, int, np.integer)):
+            raise DataError(f"{what} '{path}' has key {k!r} ({type(k).__name__}); expected image ids. {LABELS_HINT}")
+        if (not isinstance(v, np.ndarray) or v.shape != (NUM_CLASSES,) or v.dtype.kind not in "fiub"
+                or not np.isfinite(v).all()):
+            desc = f"{v.dtype} {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
+            raise DataError(f"{what} '{path}' entry {k!r} is {desc}; expected a finite ({NUM_CLASSES},) "
+                            f"multi-hot vector. {LABELS_HINT}")
+        out[str(k)] = v.astype(np.float32, copy=False)
+    return out
 
 
 def labels_for(ids: Sequence[str], cls_labels: dict[str, np.ndarray], source: str = "cls_labels.npy") -> np.ndarray:
@@ -85,10 +114,12 @@ def gt_path(root: os.PathLike | str, img_id: str, folder: str = "SegmentationCla
     return Path(root) / folder / f"{img_id}.png"
 
 
-def load_gt(root: os.PathLike | str, img_id: str, folder: str = "SegmentationClass") -> np.ndarray:
-    """Ground-truth class-index map ``(H, W)`` uint8 (0 bg, 1..20, 255 ignore) from a palette PNG."""
+def load_gt(root: os.PathLike | str, img_id: str, folder: str = "SegmentationClass",
+            num_classes: int = NUM_CLASSES + 1) -> np.ndarray:
+    """Ground-truth class-index map ``(H, W)`` uint8 (0 bg, 1..20, 255 ignore) from a palette PNG; any
+    other value is a :class:`DataError` naming the file (``num_classes`` counts the background)."""
     p = gt_path(root, img_id, folder)
     if not p.is_file():
         raise MissingFileError(f"ground truth for id '{img_id}' not found: '{p}' (expected a palette PNG in "
                                f"{folder}/).")
-    return read_label_png(p)
+    return read_gt_png(p, num_classes)

@@ -25,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from tools.errors import DataError, require_dir, require_file
-from tools.imutils import NUM_CLASSES, VOC_CLASSES, read_label_png
+from tools.imutils import NUM_CLASSES, VOC_CLASSES, read_gt_png
 from tools.io import atomic_save_npy, atomic_write_text
+from voc12.lists import read_id_list
 
 VOC_HINT = ("Download VOCtrainval_11-May-2012.tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ "
             "(or make the toy set: python -m voc12.toy --out data/toy).")
@@ -59,8 +60,8 @@ def labels_from_xml(path: Path) -> np.ndarray:
 
 
 def _read_ids(path: Path) -> list[str]:
-    return [line.split()[0] for line in require_file(path, "VOC list", VOC_HINT).read_text().splitlines()
-            if line.strip()]
+    """A VOC/SBD id list through the one list reader (byte-order mark, duplicates), after checking it exists."""
+    return read_id_list(require_file(path, "VOC list", VOC_HINT))
 
 
 def _sbd_dataset_dir(sbd_root: Path) -> Path:
@@ -107,7 +108,7 @@ def prepare(voc_root: str | Path, out_dir: str | Path = "voc12", sbd_root: str |
     for i in it:
         for cand in (aug_dir / f"{i}.png", voc_root / "SegmentationClass" / f"{i}.png"):
             if cand.is_file():
-                labels[i] = labels_from_mask(read_label_png(cand))
+                labels[i] = labels_from_mask(read_gt_png(cand))
                 break
         else:
             if sbd is not None and (sbd / "cls" / f"{i}.mat").is_file():
