@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from models.seed_eval import REFERENCE_THRESHOLDS, TASKS, evaluate, plot_result
-from tools.errors import WSSSError
+from tools import cli
+from tools.errors import require_all, run_cli
 from tools.io import atomic_write_json
 from voc12.lists import read_id_list
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt_dir", default=None, help="ground-truth PNG folder (default <data_root>/SegmentationClass)")
     p.add_argument("--data_root", default=DEFAULT_VOC_ROOT, help="VOC2012 folder")
     p.add_argument("--exp_root", default="experiments", help="added: folder holding experiments/<name>")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
                    help="added: worker processes (images in parallel); the reference uses 8")
     p.add_argument("--out_json", default=None, help="added: summary JSON (default experiments/<name>/eval_<task>.json)")
     p.add_argument("--no_plot", action="store_true", help="added: do not write the PNG plot")
@@ -65,29 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.pred_dir is None and args.dict_dir is None:
-        print("error: give --dict_dir (a folder under experiments/<name>/) or --pred_dir", file=sys.stderr)
-        return 2
+        parser.error("give --dict_dir (a folder under experiments/<name>/) or --pred_dir")
+    return run_cli(run, args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Score the predictions named by ``args``; print the tables, write the JSON (and plot)."""
+    from voc12.lists import LABELS_HINT, VOC_HINT
+
     exp_dir = Path(args.exp_root) / args.name
     pred_dir = Path(args.pred_dir) if args.pred_dir else exp_dir / args.dict_dir
     list_path = resolve_list(args.list, args.data_root)
     gt_dir = Path(args.gt_dir) if args.gt_dir else Path(args.data_root) / "SegmentationClass"
-    try:
-        ids = read_id_list(list_path)
-        if not pred_dir.is_dir():
-            from tools.errors import MissingFileError
-            raise MissingFileError(f"prediction folder not found: '{pred_dir}' (expected a folder of "
-                                   f"{'<id>.png label maps' if args.task == 'png' else '<id>.npy dictionaries'}). "
-                                   "Run infer.py --dict for CAM dictionaries, or check --name/--dict_dir/--pred_dir.")
-        print("Evaluate %s with %s" % (display_path(pred_dir), display_path(list_path)), flush=True)
-        t0 = time.perf_counter()
-        res = evaluate(args.task, ids, pred_dir, gt_dir, REFERENCE_THRESHOLDS, args.workers,
-                       progress=not args.no_progress, retain_memory=True)
-        seconds = time.perf_counter() - t0
-    except WSSSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    preds = "<id>.png label maps" if args.task == "png" else "<id>.npy dictionaries"
+    require_all([
+        (list_path, "image list (--list)", LABELS_HINT),
+        (gt_dir, "ground-truth folder (--gt_dir / --data_root)", VOC_HINT, "dir"),
+        (pred_dir, f"prediction folder of {preds}",
+         "Run infer.py --dict for CAM dictionaries, or check --name/--dict_dir/--pred_dir.", "dir"),
+    ], context="before evaluation started")
+    ids = read_id_list(list_path)
+    print("Evaluate %s with %s" % (display_path(pred_dir), display_path(list_path)), flush=True)
+    t0 = time.perf_counter()
+    res = evaluate(args.task, ids, pred_dir, gt_dir, REFERENCE_THRESHOLDS, args.workers,
+                   progress=not args.no_progress, retain_memory=True)
+    seconds = time.perf_counter() - t0
     if args.task == "cam":
         for line in res.sweep_lines():
             print(line)
@@ -104,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         title = f"{args.name}: {args.task} on {list_path.name} ({len(ids)} images)"
         if not plot_result(res, out_json.with_suffix(".png"), title):
             print("note: matplotlib is not installed, no plot written", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ every listed image, writes ``experiments/<name>/dict/<id>.npy`` = ``{class index
 Speed without changing the numbers: a scale and its flip run as one batch, inference_mode, DataLoader
 workers decode and resize ahead, a background thread writes outputs (and runs CRF/overlays).
 ``torchrun --nproc_per_node N infer.py ...`` splits the list over ranks. Every file is written
-atomically; a rerun skips images whose outputs exist (``--overwrite`` redoes them).
+atomically. Each output folder keeps a record of what made it (``.provenance.json``, docs/formats.md):
+a rerun reuses an image's outputs only when the checkpoint (sha256), labels, scales, amp, width and
+the image are unchanged, and recomputes the rest, printing one line that names what changed
+(``--overwrite`` redoes everything).
 """
 from __future__ import annotations
 
@@ -25,10 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from tools.errors import DataError, MissingFileError, WSSSError
+from tools import cli
+from tools.errors import DataError, MissingFileError, WSSSError, require_all, run_cli
 
 VIS_TAG = 42  # reference: infer_multi is called with epoch tag 42
 MODELS = ("ktse",)
+CKPT_HINT = ("Train one with `python train.py --name <name> --model ktse`, or put a released checkpoint "
+             "(e.g. 031net_main.pth) in experiments/<name>/ckpt/ (or pass --ckpt).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage-one model; only 'ktse' exists (the reference default 'aeft_gpp' did not)")
     p.add_argument("--name", required=True, help="experiment name (folder experiments/<name>)")
     p.add_argument("--gpu", type=int, default=-1, help="unused (reference compatibility); see --device")
-    p.add_argument("--load_epo", type=int, required=True, help="checkpoint epoch: ckpt/<load_epo:03d>net_main.pth")
+    p.add_argument("--load_epo", type=cli.nonneg_int, required=True, help="checkpoint epoch: ckpt/<load_epo:03d>net_main.pth")
     p.add_argument("--RCAM_T", type=float, nargs="+", default=[0.3, 0.15], help="unused (training only)")
-    p.add_argument("--D", type=int, default=256, help="fc8 width (read from the checkpoint when it differs)")
+    p.add_argument("--D", type=cli.positive_int, default=256, help="fc8 width (read from the checkpoint when it differs)")
     p.add_argument("--M", type=float, default=0.996, help="unused (reference compatibility)")
     p.add_argument("--TH", type=float, nargs="+", default=[0.3], help="unused (reference compatibility)")
     p.add_argument("--T", type=float, default=2.0, help="unused (reference compatibility)")
@@ -68,22 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", action="store_true", help="CRF dictionaries in experiments/<name>/crf/<alpha:02d>/")
     p.add_argument("--print_freq", type=int, default=100, help="unused (reference compatibility)")
     p.add_argument("--out_num", type=int, default=100, help="unused (reference compatibility)")
-    p.add_argument("--alphas", type=int, nargs="+", default=[5, 7, 9], help="CRF background exponents")
+    p.add_argument("--alphas", type=cli.positive_int, nargs="+", default=[5, 7, 9], help="CRF background exponents")
     # added
     p.add_argument("--data_root", default="data/VOC2012", help="VOC2012 folder (JPEGImages/)")
     p.add_argument("--cls_labels", default="voc12/cls_labels.npy", help="image-level labels {id: (20,)}")
     p.add_argument("--exp_root", default="experiments", help="folder holding experiments/<name>")
     p.add_argument("--ckpt", default=None, help="explicit checkpoint path (overrides --name/--load_epo lookup)")
-    p.add_argument("--width", type=float, default=None,
+    p.add_argument("--width", type=cli.positive_float, default=None,
                    help="trunk width multiplier of the checkpoint (default: read from its tensor shapes)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action="store_true", help="mixed-precision forward (fp16 on CUDA, bf16 on CPU); "
                    "changes the numbers slightly")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--workers", type=cli.nonneg_int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes decoding and resizing ahead (0 = main process)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli.nonneg_int, default=None, help="torch CPU threads (default and 0: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0], help="inference scales")
+    p.add_argument("--scales", type=cli.positive_float, nargs="+", default=[0.5, 1.0, 1.5, 2.0], help="inference scales")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -119,26 +125,66 @@ class Paths:
         return self.ckpt / f"{epo:03d}net_main.pth"
 
 
-def outputs_for(paths: Paths, args: argparse.Namespace, img_id: str, keys: list[int] | None) -> list[Path]:
-    """Files the run must produce for ``img_id`` (overlays need the class keys)."""
-    out = []
+#: output-format versions of the dictionaries, CRF dictionaries and overlays (tools.provenance records);
+#: bump one when the code changes what it writes
+DICT_VERSION, CRF_VERSION, VIS_VERSION = 1, 1, 1
+
+
+class OutputRecord:
+    """One output folder's record and this run's plan for it."""
+
+    def __init__(self, prov: Any, outputs: Any, item: Any, ids: list[str], overwrite: bool, what: str) -> None:
+        self.prov, self.outputs, self.what = prov, outputs, what
+        self.plan = prov.plan(ids, outputs, item, overwrite)
+
+
+def output_records(paths: Paths, args: argparse.Namespace, ckpt: Path, ids: list[str], keys_of: Any
+                   ) -> dict[str, OutputRecord]:
+    """Records of the folders this run writes (``dict``, ``crfNN`` per alpha, ``vis``), planned over the
+    whole list: a dictionary depends on the checkpoint (sha256), class labels, data root, scales, amp and
+    width; CRF dictionaries and overlays on those CAMs (the dictionary record's digest) and their alpha."""
+    from tools.provenance import Provenance, file_id, folder_id, stat_key
+    from voc12.data import image_path
+
+    def item(i: str) -> list | None:
+        return stat_key(image_path(args.data_root, i))
+
+    cam = Provenance(paths.dict, "infer", DICT_VERSION,
+                     {"stage-one checkpoint": file_id(ckpt, content=True),
+                      "cls_labels": file_id(args.cls_labels, content=True), "data_root": folder_id(args.data_root)},
+                     {"scales": [float(s) for s in args.scales], "amp": bool(args.amp), "width": args.width})
+    cams = {"digest": cam.digest}  # what the CRF dictionaries and overlays were made from
+    out: dict[str, OutputRecord] = {}
     if args.dict:
-        out.append(paths.dict / f"{img_id}.npy")
+        out["dict"] = OutputRecord(cam, lambda i: [paths.dict / f"{i}.npy"], item, ids, args.overwrite,
+                                   "CAM dictionaries")
     if args.crf:
-        out += [d / f"{img_id}.npy" for d in paths.crf.values()]
-    if args.vis and keys is not None:
+        for a, folder in paths.crf.items():
+            prov = Provenance(folder, "infer --crf", CRF_VERSION,
+                              {"cams": cams, "data_root": folder_id(args.data_root)}, {"alpha": a})
+            out[f"crf{a:02d}"] = OutputRecord(prov, lambda i, f=folder: [f / f"{i}.npy"], item, ids,
+                                              args.overwrite, f"CRF dictionaries (alpha {a})")
+    if args.vis:
         from models.cam import overlay_path
-        out += [overlay_path(paths.vis, VIS_TAG, img_id, k) for k in keys]
+
+        prov = Provenance(paths.vis, "infer --vis", VIS_VERSION, {"cams": cams, "data_root": folder_id(args.data_root)},
+                          {"tag": VIS_TAG})
+        out["vis"] = OutputRecord(prov, lambda i: [overlay_path(paths.vis, VIS_TAG, i, k) for k in keys_of(i)], item,
+                                  ids, args.overwrite, "overlays")
     return out
 
 
 def remove_stale_temps(folder: Path, ids: set[str]) -> None:
-    """Delete temporary files a killed run left for our ids (tools.io.atomic_path names them
-    ``.<final name>.<random>.tmp``; the random part has no dots)."""
+    """Delete temporary files a killed run left for our ids. Those of a live writer (another
+    infer.py over an overlapping list) are kept: removing them would fail its rename."""
+    from tools.io import is_stale_temp, temp_final_name
+
     if not folder.is_dir():
         return
     for p in folder.glob(".*.tmp"):
-        final = p.name[1:].rsplit(".", 2)[0]
+        final = temp_final_name(p)
+        if final is None or not is_stale_temp(p):
+            continue
         if final.endswith(".npy"):
             img_id = final[:-4]
         elif final.startswith(f"{VIS_TAG:03d}_") and "_cam_" in final:
@@ -170,9 +216,7 @@ def load_network(path: Path, width: float | None, D: int, device: Any):
     from models.resnet38d import Net_gpp
     from tools.checkpoint import load_state_dict_checked, load_torch_file
 
-    sd = load_torch_file(path, "stage-one checkpoint",
-                         "Train one with `python train.py --name <name> --model ktse`, or put a released "
-                         "checkpoint (e.g. 031net_main.pth) in experiments/<name>/ckpt/ (or pass --ckpt).")
+    sd = load_torch_file(path, "stage-one checkpoint", CKPT_HINT)
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict) and "fc9.weight" not in sd:
         sd = sd["model"]  # a training-state file (last.pth): take its network weights
     if not isinstance(sd, dict):
@@ -202,6 +246,9 @@ class Writer(threading.Thread):
         self.error: BaseException | None = None
         self.stop_now = threading.Event()
         self.done = 0
+        # ids whose overlays / CRF dictionaries (per alpha) must be (re)written; set by run()
+        self.vis_todo: set[str] = set()
+        self.crf_todo: dict[int, set[str]] = {}
 
     def put(self, img_id: str, cam_dict: dict, write_dict: bool) -> None:
         if self.error is not None:
@@ -230,19 +277,16 @@ class Writer(threading.Thread):
             from voc12.data import load_image
 
             img = load_image(a.data_root, img_id)
-            if a.vis:
-                from models.cam import overlay_path, save_overlays
+            if a.vis and img_id in self.vis_todo:
+                from models.cam import save_overlays
 
-                todo = {k: v for k, v in cam_dict.items()
-                        if a.overwrite or not overlay_path(self.paths.vis, VIS_TAG, img_id, k).exists()}
-                save_overlays(img, todo, self.paths.vis, VIS_TAG, img_id)
+                save_overlays(img, cam_dict, self.paths.vis, VIS_TAG, img_id)
             if a.crf:
                 from models.cam import crf_dict
 
                 for alpha, folder in self.paths.crf.items():
-                    out = folder / f"{img_id}.npy"
-                    if a.overwrite or not out.exists():
-                        atomic_save_npy(out, crf_dict(img, cam_dict, alpha))
+                    if img_id in self.crf_todo.get(alpha, ()):
+                        atomic_save_npy(folder / f"{img_id}.npy", crf_dict(img, cam_dict, alpha))
 
     def close(self, abort: bool = False) -> None:
         """Finish the queued items (or, with ``abort``, only the one being written) and stop."""
@@ -273,6 +317,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from models.cam import msf_cam
     from tools import dist
+    from tools.provenance import report
     from tools.misc import get_device
     from voc12.data import MSFDataset, image_path, labels_for, load_cls_labels, read_id_list
     from tools.errors import require_dir
@@ -315,14 +360,25 @@ def run(args: argparse.Namespace) -> dict:
     def keys_of(i: str) -> list[int]:
         return [int(k) for k in np.flatnonzero(label_of[i] > 1e-5)]
 
+    # What to redo: each output folder's record (tools.provenance) must match the current inputs and
+    # settings; every rank plans over all ids from the records as they were before this run.
+    records = output_records(paths, args, ckpt, ids, keys_of)
+    dist.barrier()
+    if main_proc:
+        for rec in records.values():
+            line = report(rec.prov.step, rec.plan, rec.what)
+            if line:
+                print(line, flush=True)
+            if rec.plan.todo or not rec.prov.complete:
+                rec.prov.begin(rec.plan, rec.outputs)
+    dist.barrier()
+    todo = {name: set(rec.plan.todo) for name, rec in records.items()}
     todo_net, todo_post = [], []  # need the network / only need overlays or CRF from the saved dict
     for i in mine:
-        outs = outputs_for(paths, args, i, keys_of(i))
-        if not outs or (not args.overwrite and all(p.exists() for p in outs)):
+        if not any(i in t for t in todo.values()):
             continue
-        dict_file = paths.dict / f"{i}.npy"
-        if not args.overwrite and dict_file.exists():
-            todo_post.append(i)
+        if args.dict and i not in todo["dict"]:
+            todo_post.append(i)  # its saved dict matches the current checkpoint and settings
         else:
             todo_net.append(i)
     missing_img = [i for i in todo_net + todo_post if not image_path(args.data_root, i).is_file()]
@@ -338,6 +394,8 @@ def run(args: argparse.Namespace) -> dict:
 
     stats = {"inferred": 0, "post": len(todo_post), "skipped": skipped, "seconds": 0.0, "width": None}
     writer = Writer(paths, args)
+    writer.crf_todo = {a: todo[f"crf{a:02d}"] for a in paths.crf} if args.crf else {}
+    writer.vis_todo = todo.get("vis", set())
     writer.start()
     t0 = time.perf_counter()
     try:
@@ -369,10 +427,39 @@ def run(args: argparse.Namespace) -> dict:
     stats["seconds"] = time.perf_counter() - t0
     dist.barrier()
     if main_proc:
+        for rec in records.values():
+            rec.prov.finish()
         rate = stats["inferred"] / stats["seconds"] if stats["seconds"] > 0 and stats["inferred"] else 0.0
         print(f"done: {stats['inferred']} inferred ({rate:.3g} img/s on {device}), {stats['post']} "
               f"post-processed, {stats['skipped']} skipped; outputs in {paths.root}", flush=True)
     return stats
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Raise ONE error naming every input file of this run that is missing (list, labels, images,
+    checkpoint), before any output folder is made. The checkpoint is needed only when some listed
+    image has no saved dictionary yet (or with --overwrite)."""
+    from voc12.data import LABELS_HINT, VOC_HINT, read_id_list
+
+    ckpt = Path(args.ckpt) if args.ckpt else Paths(args.exp_root, args.name, []).checkpoint(args.load_epo)
+    needs_net = True
+    if not args.overwrite and Path(args.infer_list).is_file():
+        dict_dir = Paths(args.exp_root, args.name, []).dict
+        try:
+            needs_net = not all((dict_dir / f"{i}.npy").is_file() for i in read_id_list(args.infer_list))
+        except WSSSError:
+            needs_net = True  # an unreadable list is reported by run() itself
+    require_all([
+        (args.infer_list, "image list (--infer_list)", LABELS_HINT),
+        (args.cls_labels, "class-label file (--cls_labels)", LABELS_HINT),
+        (Path(args.data_root) / "JPEGImages", "VOC JPEGImages folder (--data_root)", VOC_HINT, "dir"),
+        (ckpt if needs_net else None, "stage-one checkpoint", CKPT_HINT),
+    ], context="before inference started")
+
+
+def _checked_run(args: argparse.Namespace) -> None:
+    check_inputs(args)
+    run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,17 +468,9 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = torch.get_num_threads()
     try:
-        run(args)
-    except KeyboardInterrupt:
-        print("interrupted: finished files are complete, no partial file was left; rerun to continue.",
-              file=sys.stderr)
-        return 130
-    except WSSSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return run_cli(_checked_run, args)
     finally:
         torch.set_num_threads(threads)  # --threads must not leak when main() is called in-process
-    return 0
 
 
 if __name__ == "__main__":

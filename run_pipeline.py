@@ -26,8 +26,9 @@ if __package__ in (None, ""):  # run as a script from anywhere: make the repo im
 from pipeline.plan import STAGE_TITLES, STAGES, TOY_SIZES, build_steps, default_config, paths_for, select_steps
 from pipeline.report import (GridColumn, ReportInputs, StageRow, format_table, read_json, rows_from_json,
                              rows_to_json, trivial_baselines, write_report)
-from pipeline.runner import REPO_ROOT, StepFailed, StepResult, collect_results, run_steps
-from tools.errors import WSSSError
+from pipeline.runner import REPO_ROOT, StepResult, check_requirements, collect_results, run_steps
+from tools import cli
+from tools.errors import WSSSError, run_cli
 from tools.io import atomic_write_json
 
 
@@ -43,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", default=None, metavar="STAGE",
                    help=f"first stage or step to run ({', '.join(STAGES)}, or a step name)")
     p.add_argument("--to", dest="stop", default=None, metavar="STAGE", help="last stage or step to run")
-    p.add_argument("--device", default="auto", help="device for every stage (auto, cpu, cuda, cuda:1)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes per step (default 2 toy / 8 voc)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", type=cli.device, default="auto", help="device for every stage (auto, cpu, cuda, cuda:1)")
+    p.add_argument("--workers", type=cli.positive_int, default=None, help="worker processes per step (default 2 toy / 8 voc)")
+    p.add_argument("--threads", type=cli.nonneg_int, default=None,
                    help="OMP_NUM_THREADS for every step (default 1 for toy: tiny models, no spinning thread pools; "
                         "unset for voc); 0 = leave it to torch")
     p.add_argument("--overwrite", action="store_true",
@@ -112,31 +113,29 @@ def compute_baselines(cfg, lists: Path) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_cli(run, build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the selected steps (a failed step raises StepFailed), then print the table and write the
+    report; every external input the selected steps need is checked before the first one runs."""
     cfg = default_config(args.preset, args.name, args.data_root, args.size, args.device, args.workers,
                          threads=args.threads)
     os.chdir(REPO_ROOT)  # every path in the plan is relative to the repo root
     try:
         steps = select_steps(build_steps(cfg), args.start, args.stop)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise WSSSError(str(e)) from None
+    if not args.dry_run:
+        check_requirements(steps, REPO_ROOT, overwrite=args.overwrite)
     exp = REPO_ROOT / cfg.exp_dir
     record_dir = exp / "pipeline"
     print(f"KTSE+ pipeline, preset '{cfg.preset}'" + (f" ({cfg.size})" if cfg.preset == "toy" else "") +
           f", experiment '{cfg.name}', data '{cfg.data_root}', steps: {', '.join(s.name for s in steps)}")
     t0 = time.perf_counter()
-    try:
-        run_steps(steps, record_dir, REPO_ROOT, overwrite=args.overwrite, dry_run=args.dry_run,
-                  echo=not args.quiet)
-    except StepFailed as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to continue (finished steps are skipped)", file=sys.stderr)
-        return 130
+    run_steps(steps, record_dir, REPO_ROOT, overwrite=args.overwrite, dry_run=args.dry_run, echo=not args.quiet)
     if args.dry_run:
-        return 0
+        return
     # The table covers the whole chain, also when only part of it ran now: records of the other
     # steps are read back without running anything.
     all_results = collect_results(build_steps(cfg), record_dir, REPO_ROOT)
@@ -155,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         md = write_report(report_inputs(cfg, rows, all_results))
         print(f"report: {md.relative_to(REPO_ROOT)}")
-    return 0
 
 
 def auto_notes(rows: list[StageRow]) -> list[str]:

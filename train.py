@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from tools.errors import DataError, WSSSError, run_cli
+from tools import cli
+from tools.errors import DataError, WSSSError, require_all, run_cli
 
 DEFAULT_INIT = "pretrained/ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
 #: epochs (0-based) after which the reference runs its CAM validation
@@ -43,52 +44,63 @@ def _bool(v: str) -> bool:
     return str2bool(v)
 
 
+def _val_epochs_spec(s: str) -> str:
+    """``--val_epochs``: 'none'/'off'/'' or comma-separated epochs >= 0 and 'last' (kept as text)."""
+    try:
+        if any(e < 0 for e in parse_val_epochs(s, 1)):
+            raise ValueError(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'none' or comma-separated epochs (integers >= 0, 'last'), "
+                                         f"got {s!r}") from None
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- reference flags (stage1.md section 8)
     p.add_argument("--train_list", default="voc12/train_aug.txt", help="training image list")
     p.add_argument("--val_list", default="voc12/train.txt", help="images of the in-training CAM validation")
-    p.add_argument("--num_workers", type=int, default=8, help="reference flag, ignored there too; see --workers")
-    p.add_argument("--batch_size", type=int, default=16, help="global batch size from epoch --T on")
-    p.add_argument("--resize", type=float, nargs=2, default=[256, 512], help="long-side range (inclusive)")
-    p.add_argument("--crop", type=int, nargs="+", default=[320, 320], help="crop side (crop[0] used; multiple of 8)")
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=8, help="reference flag, ignored there too; see --workers")
+    p.add_argument("--batch_size", type=cli.positive_int, default=16, help="global batch size from epoch --T on")
+    p.add_argument("--resize", type=cli.positive_float, nargs=2, default=[256, 512], help="long-side range (inclusive)")
+    p.add_argument("--crop", type=cli.positive_int, nargs="+", default=[320, 320], help="crop side (crop[0] used; multiple of 8)")
     p.add_argument("--cj", type=float, nargs="+", default=[0.4, 0.4, 0.4, 0.1], help="unused (jitter disabled in the reference)")
     p.add_argument("--M", type=float, default=0.5, help="unused (reference compatibility)")
-    p.add_argument("--TH", type=float, nargs="+", default=[0.6, 0.2], help="TH[0]: foreground erasing threshold")
-    p.add_argument("--T", type=int, default=10, help="epoch at which the KTSE terms start (and the batch switch)")
-    p.add_argument("--W", type=float, nargs="+", default=[1.0, 1.0, 0.15], help="W[0] cls weight, W[1] global align weight + on/off")
+    p.add_argument("--TH", type=cli.fraction, nargs="+", default=[0.6, 0.2], help="TH[0]: foreground erasing threshold")
+    p.add_argument("--T", type=cli.nonneg_int, default=10, help="epoch at which the KTSE terms start (and the batch switch)")
+    p.add_argument("--W", type=cli.nonneg_float, nargs="+", default=[1.0, 1.0, 0.15], help="W[0] cls weight, W[1] global align weight + on/off")
     p.add_argument("--CRF", type=int, default=4, help="unused (reference compatibility)")
-    p.add_argument("--RCAM_T", type=float, nargs="+", default=[0.3, 0.15], help="pseudo-label background levels (high, low)")
-    p.add_argument("--lr", type=float, default=0.01, help="base learning rate")
-    p.add_argument("--wt_dec", type=float, default=5e-4, help="weight decay (also the SGD momentum: reference quirk)")
-    p.add_argument("--max_epochs", "--max_epoches", dest="max_epochs", type=int, default=40, help="epochs")
+    p.add_argument("--RCAM_T", type=cli.fraction, nargs="+", default=[0.3, 0.15], help="pseudo-label background levels (high, low)")
+    p.add_argument("--lr", type=cli.positive_float, default=0.01, help="base learning rate")
+    p.add_argument("--wt_dec", type=cli.nonneg_float, default=5e-4, help="weight decay (also the SGD momentum: reference quirk)")
+    p.add_argument("--max_epochs", "--max_epoches", dest="max_epochs", type=cli.positive_int, default=40, help="epochs")
     p.add_argument("--model", default="ktse", choices=["ktse"], help="stage-one model")
     p.add_argument("--name", required=True, help="experiment name (experiments/<name>)")
     p.add_argument("--gpu", type=int, default=-1, help="unused (reference compatibility); see --device")
-    p.add_argument("--seed", type=int, default=5137, help="random seed")
+    p.add_argument("--seed", type=cli.nonneg_int, default=5137, help="random seed")
     p.add_argument("--vis", action="store_true", help="unused in training (validation always saves overlays)")
     p.add_argument("--dict", action="store_false", help="store_false as the reference: passing it turns validation dicts off")
     p.add_argument("--crf", action="store_true", help="validation CRF dictionaries")
-    p.add_argument("--print_freq", type=int, default=100, help="log running loss means every N iterations")
+    p.add_argument("--print_freq", type=cli.positive_int, default=100, help="log running loss means every N iterations")
     p.add_argument("--out_num", type=int, default=100, help="unused (reference compatibility)")
-    p.add_argument("--alphas", type=int, nargs="+", default=[6, 10, 24], help="CRF alphas / crf/<alpha> folders")
-    p.add_argument("--D", type=int, default=256, help="fc8 width")
+    p.add_argument("--alphas", type=cli.positive_int, nargs="+", default=[6, 10, 24], help="CRF alphas / crf/<alpha> folders")
+    p.add_argument("--D", type=cli.positive_int, default=256, help="fc8 width")
     # ---- this implementation
     p.add_argument("--data_root", default="data/VOC2012", help="VOC tree (JPEGImages/, SegmentationClass/)")
     p.add_argument("--cls_labels", default="voc12/cls_labels.npy", help="image-level labels (reference format)")
     p.add_argument("--exp_root", default="experiments", help="folder holding experiments/<name>")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA with loss scaling, bf16 on CPU)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers (the reference hard-codes 4)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--workers", type=cli.nonneg_int, default=4, help="DataLoader workers (the reference hard-codes 4)")
+    p.add_argument("--threads", type=cli.nonneg_int, default=0,
                    help="torch CPU threads (0 = torch default; 1 is much faster on a busy machine)")
     p.add_argument("--resume", action="store_true", help="continue from ckpt/last.pth when it exists")
     p.add_argument("--init", default=DEFAULT_INIT,
                    help="ImageNet ResNet-38 weights (MXNet .params); 'none' trains from scratch")
-    p.add_argument("--width", type=float, default=1.0, help="trunk channel multiplier (1 = reference; <1 for CPU toy runs)")
-    p.add_argument("--als_cross", type=float, default=1.0, help="KTSE+ cross-image leakage weight (0 = off)")
-    p.add_argument("--als_bg", type=float, default=0.1, help="KTSE+ background leakage weight (0 = off)")
+    p.add_argument("--width", type=cli.positive_float, default=1.0, help="trunk channel multiplier (1 = reference; <1 for CPU toy runs)")
+    p.add_argument("--als_cross", type=cli.nonneg_float, default=1.0, help="KTSE+ cross-image leakage weight (0 = off)")
+    p.add_argument("--als_bg", type=cli.nonneg_float, default=0.1, help="KTSE+ background leakage weight (0 = off)")
     p.add_argument("--momentum_fix", action="store_true", help="fix: real SGD momentum 0.9 (reference: 5e-4)")
     p.add_argument("--safe_ce", type=_bool, default=None,
                    help="fix: an all-ignored pseudo-label cross-entropy gives 0 instead of NaN "
@@ -98,12 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: true with --init none, else false = reference)")
     p.add_argument("--train_stem", type=_bool, default=None,
                    help="not the reference: also train conv1a and b2* (default: true with --init none, else false)")
-    p.add_argument("--early_batch_size", type=int, default=8, help="global batch size before epoch --T (reference 8)")
-    p.add_argument("--val_epochs", default=",".join(map(str, REFERENCE_VAL_EPOCHS)),
+    p.add_argument("--early_batch_size", type=cli.positive_int, default=8, help="global batch size before epoch --T (reference 8)")
+    p.add_argument("--val_epochs", type=_val_epochs_spec, default=",".join(map(str, REFERENCE_VAL_EPOCHS)),
                    help="comma-separated 0-based epochs with CAM validation; 'none' disables; 'last' = final epoch")
-    p.add_argument("--val_limit", type=int, default=0, help="validate on the first N images only (0 = all)")
-    p.add_argument("--epoch_iters", type=int, default=0, help="cap iterations per epoch (0 = full epoch; tests/benchmarks)")
-    p.add_argument("--keep_ckpt", type=int, default=0, help="keep only the newest N epoch checkpoints (0 = all, as the reference)")
+    p.add_argument("--val_limit", type=cli.nonneg_int, default=0, help="validate on the first N images only (0 = all)")
+    p.add_argument("--epoch_iters", type=cli.nonneg_int, default=0, help="cap iterations per epoch (0 = full epoch; tests/benchmarks)")
+    p.add_argument("--keep_ckpt", type=cli.nonneg_int, default=0, help="keep only the newest N epoch checkpoints (0 = all, as the reference)")
     p.add_argument("--overwrite", action="store_true", help="start over even if ckpt/last.pth exists (without --resume)")
     return p
 
@@ -177,6 +189,19 @@ def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_resume_state(path: Path) -> dict:
+    """The ``ckpt/last.pth`` written by :func:`save_epoch` (model, optimizer, scaler, epoch, RNG states,
+    args, ...), read with ``weights_only`` plus numpy arrays/scalars (numpy's RNG state is an array):
+    no code in the file runs."""
+    from tools.checkpoint import load_torch_file
+
+    st = load_torch_file(path, "training state (last.pth)", "pass --overwrite to start over", numpy=True)
+    if not isinstance(st, dict) or not {"model", "optimizer", "epoch", "global_step", "rng"} <= set(st):
+        raise DataError(f"training state '{path}' lacks model/optimizer/epoch/rng entries; it was not written "
+                        f"by train.py. Pass --overwrite to start over.")
+    return st
 
 
 def epoch_batch_size(args: argparse.Namespace, epo: int) -> int:
@@ -282,7 +307,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from models.ktse import KTSEConfig, KTSEStep, build_optimizer, build_par
     from models.resnet38d import Net_gpp
     from tools import dist
-    from tools.checkpoint import load_torch_file
     from tools.logging_utils import TBWriter, setup_logger
     from tools.misc import backward_step, get_device, seed_everything
     from voc12.data import ClsPairDataset, check_voc_root, load_cls_labels, read_id_list
@@ -377,7 +401,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     best = -1.0
     means = RunningMeans(REF_LOG + EXTRA_LOG)
     if resuming:
-        st = load_torch_file(paths["last"], "training state (last.pth)")
+        st = load_resume_state(paths["last"])
         net.load_state_dict(st["model"], strict=True)
         opt.load_state_dict(st["optimizer"])
         if scaler is not None and st.get("scaler"):
@@ -480,8 +504,37 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "best_miou": best, "seconds": time.time() - t_start}
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Raise ONE error naming every missing input of this run (VOC images, lists, labels, the ImageNet
+    weights of a fresh run, ground truth for validation) before anything is built or written."""
+    from voc12.data import LABELS_HINT, VOC_HINT
+
+    resuming = args.resume and exp_paths(args)["last"].exists()
+    init = None
+    hint = ""
+    if str(args.init).lower() != "none" and not resuming:
+        from models.mxnet_params import RESNET38_IMAGENET_HINT as hint  # lazy: only needed here
+
+        init = args.init
+    validating = bool(parse_val_epochs(args.val_epochs, args.max_epochs))
+    require_all([
+        (Path(args.data_root) / "JPEGImages", "VOC JPEGImages folder (--data_root)", VOC_HINT, "dir"),
+        (args.train_list, "training list (--train_list)", LABELS_HINT),
+        (args.cls_labels, "class-label file (--cls_labels)", LABELS_HINT),
+        (args.val_list if validating else None, "validation list (--val_list)", LABELS_HINT),
+        (Path(args.data_root) / "SegmentationClass" if validating and args.dict else None,
+         "VOC ground-truth folder for validation", VOC_HINT + " (or pass --val_epochs none)", "dir"),
+        (init, "ImageNet ResNet-38 weights (MXNet .params, --init)", hint),
+    ], context="before training started")
+
+
+def _checked_train(args: argparse.Namespace) -> dict[str, Any]:
+    check_inputs(args)
+    return train(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(train, build_parser().parse_args(argv))
+    return run_cli(_checked_train, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

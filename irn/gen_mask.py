@@ -15,6 +15,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from irn import IRN_DIR, REPO_ROOT  # noqa: E402
+from tools import cli  # noqa: E402
+from tools.errors import require_all, run_cli  # noqa: E402
 from tools.misc import str2bool  # noqa: E402
 
 
@@ -23,17 +25,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--score_dir", default=str(IRN_DIR / "result" / "score"))
     p.add_argument("--mask_out_dir", "--mask_dir", dest="mask_out_dir", default=str(REPO_ROOT / "segmentation" / "data" / "mask_irn"))
-    p.add_argument("--thd", type=float, default=0.5, help="fraction of each predicted class kept as confident")
-    p.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--thd", type=cli.fraction, default=0.5, help="fraction of each predicted class kept as confident")
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from irn.steps.gen_mask import run
+def run(args: argparse.Namespace) -> None:
+    """Check the score folder, then write the masks (``irn.steps.gen_mask.run``)."""
+    from irn.steps import gen_mask
 
-    run(build_parser().parse_args(argv))
-    return 0
+    require_all([(args.score_dir, "random-walk score folder (--score_dir)",
+                  "run `python run_sample.py` first (its make_sem_seg_labels step writes <id>.pt there)", "dir")])
+    gen_mask.run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ working directory: the VOC tree is the repo's ``data/VOC2012``, the lists and
 intermediate results in ``irn/result/`` and the outputs BECO reads go straight to
 ``segmentation/data/sem_seg`` (pseudo-labels; ``gen_mask.py`` writes
 ``segmentation/data/mask_irn``).  Paths given on the command line are relative to the
-working directory.  Every step skips outputs that already exist (``--overwrite`` redoes).
+working directory.  Every step keeps a record of what made its outputs (``.provenance.json``, see
+docs/formats.md) and reuses them only when it matches; derived outputs made from other inputs are
+recomputed (one line says what changed), trained IRN weights are not: train_irn then stops and
+asks for ``--overwrite``.  ``--overwrite`` redoes everything.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ if __package__ in (None, ""):  # run as a script from irn/ or elsewhere without 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from irn import IRN_DIR, REPO_ROOT  # noqa: E402
+from tools import cli  # noqa: E402
+from tools.errors import DataError, WSSSError, require_all, run_cli  # noqa: E402
 from tools.misc import Timer, str2bool  # noqa: E402
 
 SEM_SEG_DIR = REPO_ROOT / "segmentation" / "data" / "sem_seg"
@@ -39,20 +44,21 @@ STEP_ORDER: tuple[tuple[str, str], ...] = (
 def _scales(s: str) -> tuple[float, ...]:
     """``1.0,0.5,1.5,2.0`` or ``(1.0, 0.5, 1.5, 2.0)`` → tuple of floats."""
     vals = [v for v in s.replace("(", "").replace(")", "").replace(" ", ",").split(",") if v]
-    try:
-        return tuple(float(v) for v in vals)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated scales, got {s!r}") from None
+    out = tuple(cli.positive_float(v) for v in vals)  # each one > 0, else argparse's usage error
+    if 1.0 not in out:  # make_cam takes the original image size from the scale-1 input
+        raise argparse.ArgumentTypeError(f"the scales must include 1.0, got {s!r}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # Environment
-    a("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    a("--num_workers", type=cli.nonneg_int, default=max(1, (os.cpu_count() or 2) // 2))
     a("--voc12_root", default=str(REPO_ROOT / "data" / "VOC2012"), help="VOC2012 folder (JPEGImages, SegmentationClass)")
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N (cuda without index: one process per GPU)")
-    a("--seed", type=int, default=0)
+    a("--device", type=cli.device, default="auto",
+      help=f"{cli.DEVICE_HELP} (cuda without index: one process per GPU)")
+    a("--seed", type=cli.nonneg_int, default=0)
     a("--quiet", type=str2bool, default=False, help="hide progress bars")
     # Dataset
     a("--train_list", default=str(REPO_ROOT / "voc12" / "train_aug.txt"))
@@ -63,36 +69,36 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval_list", default=None, help="id list for the eval steps (overrides --chainer_eval_set)")
     # Class Activation Map
     a("--cam_network", default="net.resnet38d", help="kept for compatibility; always models.resnet38d.Net_gpp")
-    a("--cam_width", type=float, default=None, help="Net_gpp width multiplier (default: read from the checkpoint)")
-    a("--cam_crop_size", type=int, default=512)
-    a("--cam_batch_size", type=int, default=16)
-    a("--cam_num_epoches", type=int, default=5)
-    a("--cam_learning_rate", type=float, default=0.1)
-    a("--cam_weight_decay", type=float, default=1e-4)
-    a("--cam_eval_thres", type=float, default=0.15)
+    a("--cam_width", type=cli.positive_float, default=None, help="Net_gpp width multiplier (default: read from the checkpoint)")
+    a("--cam_crop_size", type=cli.positive_int, default=512)
+    a("--cam_batch_size", type=cli.positive_int, default=16)
+    a("--cam_num_epoches", type=cli.positive_int, default=5)
+    a("--cam_learning_rate", type=cli.positive_float, default=0.1)
+    a("--cam_weight_decay", type=cli.nonneg_float, default=1e-4)
+    a("--cam_eval_thres", type=cli.fraction, default=0.15)
     a("--cam_scales", type=_scales, default=(1.0, 0.5, 1.5, 2.0), help="comma-separated")
     # Mining Inter-pixel Relations
-    a("--conf_fg_thres", type=float, default=0.30)
-    a("--conf_bg_thres", type=float, default=0.1)
+    a("--conf_fg_thres", type=cli.fraction, default=0.30)
+    a("--conf_bg_thres", type=cli.fraction, default=0.1)
     # Inter-pixel Relation Network (IRNet)
     a("--irn_network", default="net.resnet50_irn", help="kept for compatibility; always irn.net.resnet50_irn")
-    a("--irn_crop_size", type=int, default=512)
-    a("--irn_batch_size", type=int, default=32)
-    a("--irn_num_epoches", type=int, default=3)
-    a("--irn_learning_rate", type=float, default=0.1)
-    a("--irn_weight_decay", type=float, default=1e-4)
+    a("--irn_crop_size", type=cli.positive_int, default=512)
+    a("--irn_batch_size", type=cli.positive_int, default=32)
+    a("--irn_num_epoches", type=cli.positive_int, default=3)
+    a("--irn_learning_rate", type=cli.positive_float, default=0.1)
+    a("--irn_weight_decay", type=cli.nonneg_float, default=1e-4)
     a("--irn_fix_momentum", type=str2bool, default=False,
       help="use SGD momentum 0.9 (the reference passes weight_decay into the momentum slot: 1e-4)")
-    a("--irn_backbone_width", type=int, default=64, help="ResNet-50 base width (64 = reference; smaller for toy runs)")
+    a("--irn_backbone_width", type=cli.positive_int, default=64, help="ResNet-50 base width (64 = reference; smaller for toy runs)")
     a("--irn_backbone_init", default=str(REPO_ROOT / "pretrained" / "resnet50-19c8e357.pth"),
       help="torchvision ImageNet ResNet-50 file (https://download.pytorch.org/models/resnet50-19c8e357.pth), "
            "or 'none' for a random backbone (toy runs)")
     a("--resume", type=str2bool, default=False, help="continue train_irn from its last finished epoch")
     # Random Walk Params
-    a("--beta", type=int, default=10)
-    a("--exp_times", type=int, default=8, help="random walk = T^(2^exp_times)")
-    a("--ins_seg_bg_thres", type=float, default=0.25)
-    a("--sem_seg_bg_thres", type=float, default=0.25)
+    a("--beta", type=cli.positive_int, default=10)
+    a("--exp_times", type=cli.nonneg_int, default=8, help="random walk = T^(2^exp_times)")
+    a("--ins_seg_bg_thres", type=cli.fraction, default=0.25)
+    a("--sem_seg_bg_thres", type=cli.fraction, default=0.25)
     a("--rw_mode", default="auto", choices=("auto", "dense", "sparse"),
       help="dense = reference matrix squaring (float32); sparse = same walk by sparse iteration (float64); "
            "auto = dense on CUDA, sparse on CPU")
@@ -135,13 +141,66 @@ class _Tee:
         return self.stream.isatty()
 
 
+def enabled_steps(args: argparse.Namespace) -> list[str]:
+    """The step modules ``run`` will execute, in order."""
+    return [step for flag, step in STEP_ORDER if getattr(args, flag)]
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Raise ONE error naming every file the enabled steps need that is missing and that no enabled
+    earlier step produces (each with where to get it), before any step runs or any folder is made:
+    otherwise a missing ImageNet file would only be found after make_cam and the CRF pass."""
+    from irn.steps.common import CAM_HINT
+    from irn.steps.make_cam import CAM_WEIGHTS_HINT, cam_weights_path
+    from irn.steps.train_irn import IMAGENET_HINT, default_imagenet_paths
+    from tools.crf import INSTALL_HINT
+    from tools.misc import get_device
+    from voc12.lists import LABELS_HINT, VOC_HINT
+
+    get_device(args.device)  # a CUDA device that is not there: say so now, not when the first step starts
+    steps = enabled_steps(args)
+    on = set(steps)
+    root = Path(args.voc12_root)
+    init = str(args.irn_backbone_init)
+    train_irn = "train_irn" in on and (args.overwrite or not Path(args.irn_weights_name).exists())
+    if train_irn and init.lower() != "none" and args.irn_backbone_width != 64:
+        raise DataError(f"--irn_backbone_width {args.irn_backbone_width} cannot load the ImageNet ResNet-50 "
+                        "weights: pass --irn_backbone_init none (or the reference width 64)")
+    per_image = on & {"make_cam", "cam_to_ir_label", "train_irn", "make_sem_seg_labels"}
+    evals = on & {"eval_cam", "eval_sem_seg"}
+    eval_list = args.eval_list or root / "ImageSets" / "Segmentation" / f"{args.chainer_eval_set}.txt"
+    cams = "make_cam" not in on and on & {"eval_cam", "cam_to_ir_label", "make_sem_seg_labels"}
+    require_all([
+        (args.train_list if per_image else None, "IRN image list (--train_list)", LABELS_HINT),
+        (root / "JPEGImages" if per_image else None, "VOC JPEGImages folder (--voc12_root)", VOC_HINT, "dir"),
+        (cam_weights_path(args.cam_weights_name) if "make_cam" in on else None,
+         "stage-one checkpoint (--cam_weights_name + .pth)", CAM_WEIGHTS_HINT),
+        (args.cls_labels if "make_cam" in on else None, "class-label file (--cls_labels)", LABELS_HINT),
+        (args.cam_out_dir if cams else None, "CAM folder (--cam_out_dir)", CAM_HINT, "dir"),
+        ("pydensecrf" if "cam_to_ir_label" in on else None, "pydensecrf (dense CRF for cam_to_ir_label)",
+         INSTALL_HINT, "module"),
+        (args.ir_label_out_dir if train_irn and "cam_to_ir_label" not in on else None,
+         "IR-label folder (--ir_label_out_dir)", "run the cam_to_ir_label step (--cam_to_ir_label_pass true)", "dir"),
+        (args.infer_list if train_irn else None, "list of train_irn's displacement pass (--infer_list)", LABELS_HINT),
+        (default_imagenet_paths(init) if train_irn and init.lower() != "none" else None,
+         "ImageNet ResNet-50 weights (--irn_backbone_init)", IMAGENET_HINT),
+        (args.irn_weights_name if "make_sem_seg_labels" in on and "train_irn" not in on else None,
+         "IRN weights (--irn_weights_name)", "run the train_irn step first (--train_irn_pass true)"),
+        (eval_list if evals else None, "evaluation list (--eval_list / --chainer_eval_set)", VOC_HINT),
+        (root / "SegmentationClass" if evals else None, "VOC ground-truth folder (--voc12_root)", VOC_HINT, "dir"),
+        (args.sem_seg_out_dir if "eval_sem_seg" in on and "make_sem_seg_labels" not in on else None,
+         "pseudo-label folder (--sem_seg_out_dir)", "run make_sem_seg_labels (--make_sem_seg_pass true)", "dir"),
+    ], context=f"before any IRN step ran; enabled: {', '.join(steps) or 'none'}")
+
+
 def run(args: argparse.Namespace) -> None:
     """Execute the switched-on steps in the reference order."""
     for flag, step in (("train_cam_pass", "train_cam"), ("make_ins_seg_pass", "make_ins_seg"),
                        ("eval_ins_seg_pass", "eval_ins_seg")):
         if getattr(args, flag):
-            raise SystemExit(f"--{flag} true: the {step} step is not part of KTSE+ (stage one is trained with "
-                             f"train.py; instance segmentation is not used). Switch it off.")
+            raise WSSSError(f"--{flag} true: the {step} step is not part of KTSE+ (stage one is trained with "
+                            f"train.py; instance segmentation is not used). Switch it off.")
+    check_inputs(args)
     for d in (args.cam_out_dir, args.ir_label_out_dir, args.sem_seg_out_dir, args.score_dir):
         Path(d).mkdir(parents=True, exist_ok=True)
     Path(args.irn_weights_name).parent.mkdir(parents=True, exist_ok=True)
@@ -160,11 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = tee = _Tee(old, log)
     try:
         print(vars(args))
-        run(args)
+        return run_cli(run, args)
     finally:
         sys.stdout = old
         tee.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from tools.errors import DataError, require_file
-from tools.imutils import CAT_NAMES_BG, read_label_png
+from tools.imutils import CAT_NAMES_BG, read_gt_png, read_label_png
 from tools.malloc import retain_freed_memory
 from tools.metrics import confusion_matrix, iou_from_confusion, scores
 
@@ -46,19 +46,26 @@ TASKS = ("cam", "crf", "dl", "png")
 def load_dict(path: os.PathLike | str) -> dict[int, np.ndarray]:
     """Read a reference CAM/CRF dictionary (``np.save`` of a dict, a pickled 0-d object array).
 
-    Returns ``{int key: float32 (H, W)}``. Errors name the file and say what was expected.
+    Returns ``{int key: float32 (H, W)}``. The pickle is read with the restricted unpickler of
+    :mod:`tools.safe_load` (no code in the file runs). Errors name the file and say what was
+    expected: a refused object, a non-integer key, a value that is not a 2-D numeric array, NaN/inf.
     """
-    p = require_file(path, "prediction dictionary",
-                     "Run infer.py --dict (CAM dictionaries) or infer.py --crf first, or check --name/--dict_dir.")
-    try:
-        obj = np.load(p, allow_pickle=True)
-    except Exception as e:  # truncated / not an npy file
-        raise DataError(f"cannot read prediction dictionary '{p}': {e}") from e
-    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
-        obj = obj.item()
+    from tools.safe_load import load_npy, require_finite
+
+    hint = "Run infer.py --dict (CAM dictionaries) or infer.py --crf first, or check --name/--dict_dir."
+    what = "prediction dictionary"
+    obj = load_npy(path, what, hint, holds="a dict {class index: HxW float array}")
     if not isinstance(obj, dict):
-        raise DataError(f"'{p}' holds {type(obj).__name__}, expected a dict {{class index: HxW array}} "
+        raise DataError(f"'{path}' holds {type(obj).__name__}, expected a dict {{class index: HxW array}} "
                         "saved with np.save (the infer.py --dict format).")
+    for k, v in obj.items():
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+            raise DataError(f"{what} '{path}' has key {k!r} ({type(k).__name__}); keys must be integer class "
+                            f"indices. {hint}")
+        if not isinstance(v, np.ndarray) or v.ndim != 2 or v.dtype.kind not in "fiub":
+            desc = f"a {v.ndim}-D {v.dtype} array" if isinstance(v, np.ndarray) else f"a {type(v).__name__}"
+            raise DataError(f"{what} '{path}' entry {k!r} is {desc}; expected a 2-D (H, W) float array. {hint}")
+        require_finite(v, path, what, f"entry {k}", hint)
     return obj
 
 
@@ -403,7 +410,7 @@ def _read_gt(gt_dir: str, img_id: str) -> np.ndarray:
     p = _gt_path(gt_dir, img_id)
     require_file(p, "ground-truth label map",
                  "Evaluation reads <gt_dir>/<id>.png (default <data_root>/SegmentationClass); check --gt_dir/--list.")
-    return read_label_png(p)
+    return read_gt_png(p)
 
 
 def pred_path(task: str, pred_dir: os.PathLike | str, img_id: str) -> Path:

@@ -206,6 +206,15 @@ def paths_for(cfg: PipelineConfig) -> Paths:
                  beco_log_base="segmentation/data/logging", beco_tag="seg_result")
 
 
+#: which steps' outputs each step reads (pipeline.runner.Step.needs): redoing one redoes its readers,
+#: transitively, and nothing before it (evaluation steps are read by nobody)
+STEP_NEEDS: dict[str, tuple[str, ...]] = {
+    "prepare": ("toy_data",), "train": ("prepare",), "infer": ("train",), "eval_cam": ("infer",),
+    "run_sample": ("train",), "eval_irn": ("run_sample",), "gen_mask": ("run_sample",),
+    "beco_train": ("run_sample", "gen_mask"), "beco_score": ("beco_train",), "beco_crf": ("beco_train",),
+}
+
+
 def build_steps(cfg: PipelineConfig) -> list[Step]:
     """Every step of the chain for ``cfg`` in order (selection by --from/--to happens later)."""
     p = paths_for(cfg)
@@ -303,7 +312,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     steps.append(Step("beco_train", "beco", beco, cwd=seg,
                       outputs=[f"{p.beco_dir}/test_metrics.json", PerIdOutputs(logits, val_list, ".npy")],
                       metrics=_json_miou(f"{p.beco_dir}/test_metrics.json", "miou"),
-                      resume_args=["--resume"], resume_if=f"{p.beco_dir}/ckpt_epoch_*.pth",
+                      resume_args=["--resume"], resume_if=f"{p.beco_dir}/*ckpt*.pth", overwrite_args=["--overwrite"],
                       title="train DeepLabV2 with BECO, then test (multi-scale logits)"))
     test = ["python", "test.py", "--logits_dir", _rel(logits, seg), "--mode", "val"]
     if toy:
@@ -315,10 +324,63 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                       outputs=[f"{p.beco_dir}/val_metrics_crf.json"],
                       metrics=_json_miou(f"{p.beco_dir}/val_metrics_crf.json", "mIoU"), overwrite_args=["--overwrite"],
                       title="dense CRF on the logits, score"))
+    needs = external_inputs(cfg)
+    for s in steps:
+        s.requires = needs.get(s.name, [])
+    names = {s.name for s in steps}
+    for s in steps:
+        s.needs = [n for n in STEP_NEEDS.get(s.name, ()) if n in names]
     if cfg.threads > 0:
         for s in steps:
             s.env = {"OMP_NUM_THREADS": str(cfg.threads), **s.env}
     return steps
+
+
+def external_inputs(cfg: PipelineConfig) -> dict[str, list[tuple]]:
+    """Per step, what it reads that no step of the pipeline makes (see ``Step.requires``): for voc the
+    VOC tree, the lists (when ``prepare`` is not run), the ImageNet weights of stage one, IRN and BECO;
+    the toy preset makes its own data and trains from scratch. Both need pydensecrf."""
+    from tools.crf import INSTALL_HINT
+
+    crf = ("pydensecrf", "pydensecrf (dense CRF)", INSTALL_HINT, "module")
+    out: dict[str, list[tuple]] = {"run_sample": [crf], "beco_crf": [crf]}
+    if cfg.preset == "toy":
+        return out
+    # lazy: these modules import torch, which toy runs and --dry_run do not need here
+    from infer import CKPT_HINT
+    from irn.steps.train_irn import IMAGENET_HINT, default_imagenet_paths
+    from models.mxnet_params import RESNET38_IMAGENET_HINT
+    from segmentation.beco.deeplabv2 import IMAGENET_URLS
+    from train import DEFAULT_INIT
+    from voc12.lists import LABELS_HINT, VOC_HINT
+
+    p = paths_for(cfg)
+    root, lists = cfg.data_root, cfg.lists_dir
+    jpeg = (f"{root}/JPEGImages", "VOC JPEGImages folder", VOC_HINT, "dir")
+    gt = (f"{root}/SegmentationClass", "VOC SegmentationClass folder", VOC_HINT, "dir")
+    seg_lists = [(f"{root}/ImageSets/Segmentation/{n}.txt", f"VOC {n} list", VOC_HINT) for n in ("train", "val")]
+    made = [(f"{lists}/{n}", f"image list / labels {lists}/{n}", LABELS_HINT)
+            for n in ("train_aug.txt", "train.txt", "cls_labels.npy")]
+    ckpt = (p.ckpt, "stage-one checkpoint", CKPT_HINT)
+    resnet50 = ([f"pretrained/{default_imagenet_paths(None)[0].name}"] + default_imagenet_paths(None),
+                "ImageNet ResNet-50 weights of IRN", IMAGENET_HINT)
+    aug = (["segmentation/data/VOC2012/SegmentationClassAug", f"{root}/SegmentationClassAug"],
+           "VOC SegmentationClassAug folder (BECO's val ground truth)",
+           "get the DeepLab/PSA 'SegmentationClassAug' release (SBD + VOC masks) into <VOC root>/SegmentationClassAug "
+           "(see README.md, data table)", "dir")
+    out.update({
+        "prepare": seg_lists,
+        "train": [jpeg, gt, (DEFAULT_INIT, "ImageNet ResNet-38 weights", RESNET38_IMAGENET_HINT)] + made,
+        "infer": [jpeg, ckpt] + made,
+        "eval_cam": [gt, seg_lists[0]],
+        "run_sample": [jpeg, ckpt, resnet50, crf] + made,
+        "eval_irn": [gt, seg_lists[0]],
+        "beco_train": [("segmentation/data/model_zoo/resnet-101_v2.pth", "ImageNet ResNet-101 weights of BECO",
+                        f"download {IMAGENET_URLS['resnet101']}")],
+        "beco_score": [aug],
+        "beco_crf": [aug, crf],
+    })
+    return out
 
 
 def select_steps(steps: list[Step], start: str | None, stop: str | None) -> list[Step]:

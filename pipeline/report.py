@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from tools.imutils import CAT_NAMES_BG, read_label_png, read_rgb, voc_palette
+from tools.imutils import CAT_NAMES_BG, read_gt_png, read_label_png, read_rgb, voc_palette
 from tools.io import atomic_path, atomic_write_text
 from tools.metrics import confusion_matrix, iou_from_confusion
 
@@ -132,7 +132,7 @@ def trivial_baselines(ids: Sequence[str], gt_dir: os.PathLike | str,
     hists = {"all_background": np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)}
     box_hists = {a: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for a in areas}
     for img_id in ids:
-        gt = read_label_png(Path(gt_dir) / f"{img_id}.png")
+        gt = read_gt_png(Path(gt_dir) / f"{img_id}.png")
         hists["all_background"] += confusion_matrix(np.zeros_like(gt), gt, NUM_CLASSES)
         if cls_labels is not None and img_id in cls_labels:
             classes = [int(k) + 1 for k in np.nonzero(np.asarray(cls_labels[img_id]) > 1e-5)[0]]
@@ -346,7 +346,7 @@ def _cell(col: GridColumn, img_id: str, img: np.ndarray, cam_threshold: float | 
         if col.kind == "mask":
             m = np.asarray(read_rgb(p))[..., 0] > 127
             return np.where(m[..., None], img, (img * 0.25).astype(np.uint8))
-        lab = read_label_png(p)
+        lab = read_gt_png(p) if col.kind == "gt" else read_label_png(p)
         if lab.shape != img.shape[:2]:
             return None
         return colorize(lab) if col.kind == "gt" else blend(img, lab)

@@ -208,18 +208,18 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     missing = tmp_path / "experiments" / "fx" / "dict" / f"{names[2]}.npy"
     missing.unlink()
-    assert evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--no_progress"]) == 1
+    assert evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--no_progress"]) == 2
     err = capsys.readouterr().err
     assert "prediction dictionary not found" in err and f"{names[2]}.npy" in err and "infer.py" in err
     # a dictionary of the wrong size names the file and both sizes
     np.save(missing, {3: np.zeros((5, 5), np.float32)})
     assert evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--workers", "1",
-                            "--no_progress"]) == 1
+                            "--no_progress"]) == 2
     err = capsys.readouterr().err
     assert f"{names[2]}.npy" in err and "(5, 5)" in err
     # a missing list names the path it looked for
-    assert evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--list", "val"]) == 1
+    assert evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--list", "val"]) == 2
     assert "ImageSets/Segmentation/val.txt" in capsys.readouterr().err
     # a missing prediction folder
-    assert evaluation.main(["--name", "nope", "--task", "cam", "--dict_dir", "dict"]) == 1
+    assert evaluation.main(["--name", "nope", "--task", "cam", "--dict_dir", "dict"]) == 2
     assert "experiments/nope/dict" in capsys.readouterr().err

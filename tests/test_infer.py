@@ -217,24 +217,25 @@ def test_clear_errors(small_run, monkeypatch, capsys, tmp_path):
     base = ["--name", "e", "--load_epo", "7", "--dict", "--data_root", str(voc), "--cls_labels",
             str(voc / "lists" / "cls_labels.npy"), "--device", "cpu", "--workers", "0", "--no_progress"]
     # missing checkpoint: names the path and where to get one
-    assert infer.main(base + ["--infer_list", str(work / "six.txt")]) == 1
+    assert infer.main(base + ["--infer_list", str(work / "six.txt")]) == 2
     err = capsys.readouterr().err
     assert "experiments/e/ckpt/007net_main.pth" in err and "train.py" in err
     # a list id without a class label
     bad = tmp_path / "bad.txt"
     bad.write_text("/JPEGImages/no_such_image_17.jpg\n")
-    assert infer.main(base + ["--infer_list", str(bad)]) == 1
+    assert infer.main(base + ["--infer_list", str(bad), "--ckpt", str(ckpt)]) == 2
     assert "no_such_image_17" in capsys.readouterr().err
     # a labelled id whose image is missing
     labels = np.load(voc / "lists" / "cls_labels.npy", allow_pickle=True).item()
     labels["no_such_image_17"] = np.eye(20, dtype=np.float32)[3]
     np.save(tmp_path / "cls.npy", labels)
-    assert infer.main(base + ["--infer_list", str(bad), "--cls_labels", str(tmp_path / "cls.npy")]) == 1
+    assert infer.main(base + ["--infer_list", str(bad), "--cls_labels", str(tmp_path / "cls.npy"),
+                              "--ckpt", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "JPEGImages/no_such_image_17.jpg" in err and "not found" in err
     # a checkpoint that does not fit the requested width names the mismatching keys
-    assert infer.main(base + ["--infer_list", str(work / "six.txt"), "--ckpt", str(ckpt), "--width", "0.25"]) == 1
+    assert infer.main(base + ["--infer_list", str(work / "six.txt"), "--ckpt", str(ckpt), "--width", "0.25"]) == 2
     assert "conv1a.weight" in capsys.readouterr().err
     # the reference's non-existent default model is refused with the fix
-    assert infer.main(base + ["--infer_list", str(work / "six.txt"), "--model", "aeft_gpp"]) == 1
+    assert infer.main(base + ["--infer_list", str(work / "six.txt"), "--model", "aeft_gpp", "--ckpt", str(ckpt)]) == 2
     assert "--model ktse" in capsys.readouterr().err
