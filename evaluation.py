@@ -1,9 +1,9 @@
-"""Score stage-one predictions against VOC ground truth (seed command 2).
+"""Score stage-one predictions against VOC ground truth (the authors' README command, below).
 
     python evaluation.py --name ktse1 --task cam --dict_dir dict
 
 task ``cam``: the reference background-threshold sweep (t = 0.10 .. 0.29) over the CAM dictionaries
-``experiments/<name>/<dict_dir>/<id>.npy``, printing exactly the reference lines (stage1.md §6.3),
+``experiments/<name>/<dict_dir>/<id>.npy``, printing exactly the reference's 20 sweep lines,
 then (added) the best threshold with its mIoU and the per-class IoU table at that threshold.
 tasks ``crf`` / ``dl``: dictionaries whose keys include background (0); ``png``: label PNGs (e.g. IRN
 pseudo-labels, ``--pred_dir <folder>``). All tasks also write ``experiments/<name>/eval_<task>.json``
@@ -17,13 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from models.seed_eval import REFERENCE_THRESHOLDS, TASKS, evaluate, plot_result
+from tools.seed_eval import REFERENCE_THRESHOLDS, TASKS, evaluate, plot_result
 from tools import cli
 from tools.errors import require_all, run_cli
-from tools.io import atomic_write_json
+from tools.layout import StageOneLayout
+from tools.dataset import DatasetInfo, add_dataset_arg, get_dataset
+from tools.metrics import write_metrics
 from voc12.lists import read_id_list
-
-DEFAULT_VOC_ROOT = "data/VOC2012"  # same value as voc12.data.DEFAULT_VOC_ROOT (not imported: no torch here)
 
 
 def display_path(p: os.PathLike | str) -> str:
@@ -34,19 +34,20 @@ def display_path(p: os.PathLike | str) -> str:
     return "./" + s
 
 
-def resolve_list(value: str, data_root: os.PathLike | str) -> Path:
-    """``--list``: a name under ``<data_root>/ImageSets/Segmentation/`` (the reference: ``train`` ->
-    ``train.txt``), or a path to a list file (plain ids or ``/JPEGImages/<id>.jpg ...`` lines)."""
-    if value.endswith(".txt") or os.sep in value or "/" in value or Path(value).is_file():
-        return Path(value)
-    return Path(data_root) / "ImageSets" / "Segmentation" / f"{value}.txt"
+def resolve_list(value: str, data_root: os.PathLike | str, dataset: DatasetInfo | str = "voc12") -> Path:
+    """``--list``: a list name, or a path to a list file (plain ids or ``/JPEGImages/<id>.jpg ...`` lines).
+    VOC names lie under ``<data_root>/ImageSets/Segmentation/`` (the reference: ``train`` -> ``train.txt``);
+    a dataset without such a folder (COCO) names the lists of its descriptor (``val``, ``val_part``)."""
+    return get_dataset(dataset).list_arg(value, data_root)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--list", default="train",
-                   help="list name under <data_root>/ImageSets/Segmentation/ (reference), or a path to a list file")
+    p.add_argument("--list", default=None,
+                   help="list name (VOC: under <data_root>/ImageSets/Segmentation/, as the reference; COCO: "
+                        "train, val, val_part) or a path to a list file (default: the dataset's seed list, "
+                        "VOC 'train')")
     p.add_argument("--task", required=True, choices=TASKS, help="cam: threshold sweep over CAM dicts; "
                    "crf/dl: dicts with background key 0; png: label PNGs")
     p.add_argument("--name", required=True, help="experiment name: predictions in experiments/<name>/<dict_dir>/")
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred_dir", default=None,
                    help="added: any prediction folder (overrides experiments/<name>/<dict_dir>; e.g. IRN sem_seg PNGs)")
     p.add_argument("--gt_dir", default=None, help="ground-truth PNG folder (default <data_root>/SegmentationClass)")
-    p.add_argument("--data_root", default=DEFAULT_VOC_ROOT, help="VOC2012 folder")
+    p.add_argument("--data_root", default=None, help="dataset folder (default: the dataset's, data/VOC2012)")
+    add_dataset_arg(p)
     p.add_argument("--exp_root", default="experiments", help="added: folder holding experiments/<name>")
     p.add_argument("--workers", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
                    help="added: worker processes (images in parallel); the reference uses 8")
@@ -75,16 +77,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> None:
     """Score the predictions named by ``args``; print the tables, write the JSON (and plot)."""
-    from voc12.lists import LABELS_HINT, VOC_HINT
-
-    exp_dir = Path(args.exp_root) / args.name
-    pred_dir = Path(args.pred_dir) if args.pred_dir else exp_dir / args.dict_dir
-    list_path = resolve_list(args.list, args.data_root)
-    gt_dir = Path(args.gt_dir) if args.gt_dir else Path(args.data_root) / "SegmentationClass"
+    ds = get_dataset(getattr(args, "dataset", "voc12"))
+    data_root = args.data_root or ds.default_root
+    exp = StageOneLayout.of(args.exp_root, args.name)
+    pred_dir = Path(args.pred_dir) if args.pred_dir else exp.root / args.dict_dir
+    list_path = resolve_list(args.list or ds.seed_list, data_root, ds)
+    gt_dir = Path(args.gt_dir) if args.gt_dir else ds.gt_dir(data_root)
     preds = "<id>.png label maps" if args.task == "png" else "<id>.npy dictionaries"
     require_all([
-        (list_path, "image list (--list)", LABELS_HINT),
-        (gt_dir, "ground-truth folder (--gt_dir / --data_root)", VOC_HINT, "dir"),
+        (list_path, "image list (--list)", ds.labels_hint),
+        (gt_dir, "ground-truth folder (--gt_dir / --data_root)", ds.root_hint, "dir"),
         (pred_dir, f"prediction folder of {preds}",
          "Run infer.py --dict for CAM dictionaries, or check --name/--dict_dir/--pred_dir.", "dir"),
     ], context="before evaluation started")
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
     print("Evaluate %s with %s" % (display_path(pred_dir), display_path(list_path)), flush=True)
     t0 = time.perf_counter()
     res = evaluate(args.task, ids, pred_dir, gt_dir, REFERENCE_THRESHOLDS, args.workers,
-                   progress=not args.no_progress, retain_memory=True)
+                   progress=not args.no_progress, retain_memory=True, dataset=ds)
     seconds = time.perf_counter() - t0
     if args.task == "cam":
         for line in res.sweep_lines():
@@ -102,10 +104,10 @@ def run(args: argparse.Namespace) -> None:
     sys.stdout.flush()
 
     summary = res.to_json()
-    summary.update(name=args.name, pred_dir=str(pred_dir), list=str(list_path), gt_dir=str(gt_dir),
+    summary.update(name=args.name, dataset=ds.name, pred_dir=str(pred_dir), list=str(list_path), gt_dir=str(gt_dir),
                    seconds=round(seconds, 3))
-    out_json = Path(args.out_json) if args.out_json else exp_dir / f"eval_{args.task}.json"
-    atomic_write_json(out_json, summary)
+    out_json = Path(args.out_json) if args.out_json else exp.eval_json(args.task)
+    write_metrics(out_json, summary)
     if not args.no_plot:
         title = f"{args.name}: {args.task} on {list_path.name} ({len(ids)} images)"
         if not plot_result(res, out_json.with_suffix(".png"), title):

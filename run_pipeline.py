@@ -5,6 +5,8 @@ score → gen_mask), BECO (train → test → test.py, with and without CRF), th
     python run_pipeline.py --preset voc            # reference settings on data/VOC2012 (GPUs)
     python run_pipeline.py --preset toy --from irn --to beco
     python run_pipeline.py --preset voc --dry_run  # only print the commands
+    python run_pipeline.py --preset toy --dataset coco14   # the COCO-format toy set
+    python run_pipeline.py --preset coco           # COCO 2014 settings on data/COCO2014 (GPUs)
 
 Every step is the same command a user would type (printed before it runs). Steps whose outputs
 exist are skipped, so an interrupted run is finished by running the same command again; the final
@@ -23,24 +25,31 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from anywhere: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline.plan import STAGE_TITLES, STAGES, TOY_SIZES, build_steps, default_config, paths_for, select_steps
+from pipeline.plan import (PRESET_DATASETS, STAGE_TITLES, STAGES, TOY_SIZES, build_steps, default_config, paths_for,
+                           select_steps)
 from pipeline.report import (GridColumn, ReportInputs, StageRow, format_table, read_json, rows_from_json,
                              rows_to_json, trivial_baselines, write_report)
-from pipeline.runner import REPO_ROOT, StepResult, check_requirements, collect_results, run_steps
+from pipeline.runner import (REPO_ROOT, StepInterrupted, StepResult, check_requirements, collect_results,
+                             run_steps)
 from tools import cli
-from tools.errors import WSSSError, run_cli
+from tools.dataset import add_dataset_arg, get_dataset
+from tools.errors import EXIT_INTERRUPTED, WSSSError, run_cli
 from tools.io import atomic_write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=("toy", "voc"), default="toy",
-                   help="toy: synthetic data, small CPU models; voc: reference settings on data/VOC2012")
+    p.add_argument("--preset", choices=("toy",) + tuple(PRESET_DATASETS), default="toy",
+                   help="toy: synthetic data, small CPU models; voc: reference settings on data/VOC2012; "
+                        "coco: the COCO settings on data/COCO2014 (implies --dataset coco14)")
     p.add_argument("--size", choices=tuple(TOY_SIZES), default="small",
                    help="toy preset only: 'small' (the demo, <= 10 min on 2 cores) or 'tiny' (CI, <= 3 min)")
-    p.add_argument("--name", default=None, help="experiment name (default: toy / toy_tiny / ktse1)")
-    p.add_argument("--data_root", default=None, help="VOC-format root (default data/toy or data/VOC2012)")
+    p.add_argument("--name", default=None, help="experiment name (default: toy / toy_tiny / ktse1; COCO: "
+                   "coco_toy / coco_toy_tiny / ktse_coco)")
+    p.add_argument("--data_root", default=None, help="dataset root (default data/toy or data/VOC2012; COCO: "
+                   "data/coco_toy or data/COCO2014)")
+    add_dataset_arg(p, default=None)
     p.add_argument("--from", dest="start", default=None, metavar="STAGE",
                    help=f"first stage or step to run ({', '.join(STAGES)}, or a step name)")
     p.add_argument("--to", dest="stop", default=None, metavar="STAGE", help="last stage or step to run")
@@ -80,7 +89,7 @@ def build_rows(results: list[StepResult], baselines: dict[str, dict], toy: bool)
     rows.append(StageRow(STAGE_TITLES["irn"], "pseudo-labels (random walk)", "train", by.get("eval_irn", {}).get("miou"),
                          base("train"), _stage_seconds(results, "irn")))
     for stage, step in (("beco", "beco_score"), ("crf", "beco_crf")):
-        # the 21-class mean (as the seeds, pseudo-labels and baselines) when test.py's confusion matrix
+        # the all-class mean (as the seeds, pseudo-labels and baselines) when test.py's confusion matrix
         # is there; test.py's own figure averages the classes present, which differs on the toy sets
         m = by.get(step, {})
         m21, mt = m.get("miou21"), m.get("miou")
@@ -97,43 +106,62 @@ def compute_baselines(cfg, lists: Path) -> dict[str, dict]:
     from voc12.data import load_cls_labels, read_id_list
 
     out: dict[str, dict] = {}
-    gt_dir = REPO_ROOT / cfg.data_root / "SegmentationClass"
+    ds = get_dataset(cfg.dataset)
+    gt_dir = ds.gt_dir(REPO_ROOT / cfg.data_root)
     cls_path = lists / "cls_labels.npy"
     if not gt_dir.is_dir() or not cls_path.is_file():
         return out
-    cls = load_cls_labels(cls_path)
+    cls = load_cls_labels(cls_path, ds)
     for split in ("train", "val"):
         lst = lists / f"{split}.txt"
         if lst.is_file():
             try:
-                out[split] = trivial_baselines(read_id_list(lst), gt_dir, cls)
+                out[split] = trivial_baselines(read_id_list(lst), gt_dir, cls, dataset=ds)
             except WSSSError:
                 continue
     return out
 
 
+class _Stopped(BaseException):
+    """The pipeline stopped during a step and has said so: exit as interrupted, without another line."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(run, build_parser().parse_args(argv))
+    try:
+        return run_cli(run, build_parser().parse_args(argv))
+    except _Stopped:
+        return EXIT_INTERRUPTED
 
 
 def run(args: argparse.Namespace) -> None:
     """Run the selected steps (a failed step raises StepFailed), then print the table and write the
     report; every external input the selected steps need is checked before the first one runs."""
-    cfg = default_config(args.preset, args.name, args.data_root, args.size, args.device, args.workers,
-                         threads=args.threads)
+    try:  # without --dataset, a full-size preset runs on its own dataset (coco -> coco14), toy on voc12
+        cfg = default_config(args.preset, args.name, args.data_root, args.size, args.device, args.workers,
+                             threads=args.threads, dataset=getattr(args, "dataset", None))
+    except ValueError as e:
+        raise WSSSError(str(e)) from None
     os.chdir(REPO_ROOT)  # every path in the plan is relative to the repo root
     try:
         steps = select_steps(build_steps(cfg), args.start, args.stop)
     except ValueError as e:
         raise WSSSError(str(e)) from None
-    if not args.dry_run:
-        check_requirements(steps, REPO_ROOT, overwrite=args.overwrite)
     exp = REPO_ROOT / cfg.exp_dir
     record_dir = exp / "pipeline"
+    if not args.dry_run:
+        check_requirements(steps, REPO_ROOT, overwrite=args.overwrite, record_dir=record_dir)
     print(f"KTSE+ pipeline, preset '{cfg.preset}'" + (f" ({cfg.size})" if cfg.preset == "toy" else "") +
           f", experiment '{cfg.name}', data '{cfg.data_root}', steps: {', '.join(s.name for s in steps)}")
     t0 = time.perf_counter()
-    run_steps(steps, record_dir, REPO_ROOT, overwrite=args.overwrite, dry_run=args.dry_run, echo=not args.quiet)
+    try:
+        run_steps(steps, record_dir, REPO_ROOT, overwrite=args.overwrite, dry_run=args.dry_run, echo=not args.quiet)
+    except StepInterrupted as e:
+        # one line: the step's own "interrupted: ..." (when it was echoed) is not repeated, and this
+        # one says which command to rerun
+        lead = "" if e.step_said else "interrupted: "
+        print(f"{lead}pipeline stopped during step '{e.step}'; rerun the same run_pipeline.py command to "
+              "continue (finished steps are skipped)", file=sys.stderr, flush=True)
+        raise _Stopped from None
     if args.dry_run:
         return
     # The table covers the whole chain, also when only part of it ran now: records of the other
@@ -187,22 +215,23 @@ def report_inputs(cfg, rows: list[StageRow], results: list[StepResult]) -> Repor
         lst = lists / f"{split}.txt"
         if lst.is_file():
             examples += [(split, i) for i in read_id_list(lst)[:n]]
-    gt = REPO_ROOT / cfg.data_root / "SegmentationClass"
+    gt = get_dataset(cfg.dataset).gt_dir(REPO_ROOT / cfg.data_root)
     cols = [GridColumn("image", "image"), GridColumn("ground truth", "gt", gt),
             GridColumn("CAM seed", "cam", REPO_ROOT / p.dict_dir, ".npy"),
             GridColumn("IRN pseudo-label", "label", REPO_ROOT / p.irn_sem_seg),
             GridColumn("IRN mask", "mask", REPO_ROOT / p.irn_mask),
-            GridColumn(beco_pred_title(REPO_ROOT / p.beco_dir / "val_pred"), "label", REPO_ROOT / p.beco_dir / "val_pred")]
+            GridColumn(beco_pred_title(REPO_ROOT / p.beco.val_pred), "label", REPO_ROOT / p.beco.val_pred)]
     series = {"CAM seeds (train)": REPO_ROOT / p.cam_eval_json, "IRN pseudo-labels (train)": REPO_ROOT / p.irn_eval_json,
-              "BECO (val)": REPO_ROOT / p.beco_dir / "val_metrics.json",
-              "BECO + CRF (val)": REPO_ROOT / p.beco_dir / "val_metrics_crf.json"}
+              "BECO (val)": REPO_ROOT / p.beco.val_metrics(),
+              "BECO + CRF (val)": REPO_ROOT / p.beco.val_metrics(crf=True)}
     notes = auto_notes(rows)
     if cfg.preset == "toy":
         notes.append("Toy preset: synthetic images, networks trained from scratch at small width; the figures "
                      "show the chain works and each stage's effect, not the paper's accuracy.")
     return ReportInputs(name=cfg.name, exp_dir=REPO_ROOT / cfg.exp_dir, data_root=REPO_ROOT / cfg.data_root, rows=rows,
                         cam_eval_json=REPO_ROOT / p.cam_eval_json, per_class_jsons=series, example_ids=examples,
-                        columns=cols, commands=[f"$ {r.command}" for r in results], notes=notes, preset=cfg.preset)
+                        columns=cols, commands=[f"$ {r.command}" for r in results], notes=notes, preset=cfg.preset,
+                        dataset=cfg.dataset)
 
 
 if __name__ == "__main__":

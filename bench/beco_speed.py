@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from segmentation.beco.deeplabv2 import build_deeplabv2  # noqa: E402
 from segmentation.beco.model import BECO, BECOSettings  # noqa: E402
-from segmentation.main import build_optimizer, train_step  # noqa: E402
+from segmentation.beco.engine import build_optimizer, train_step  # noqa: E402
+from bench._meta import machine_meta  # noqa: E402
 from tools.io import atomic_write_json  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                      _time(lambda: train_step(model, opt, img, lab, msk), a.repeats)))
 
     try:
-        from segmentation.test import predict_one
+        from segmentation.beco.postprocess import predict_one
         from tools.crf import crf_available
 
         if crf_available():
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [{"what": n, "setting": s, "seconds": round(t, 4)} for n, s, t in rows],
         "repeats": a.repeats, "load_average_1min": load, "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor(),
+        "machine_meta": machine_meta(),
     })
     return 0
 

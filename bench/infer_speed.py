@@ -2,8 +2,8 @@
 
 Builds a tiny VOC-format tree of synthetic 500x375 / 375x500 JPEGs (2 classes each) and a checkpoint of
 a randomly initialised ``Net_gpp`` (reference width by default: speed does not depend on the weights),
-runs ``infer.py --dict`` through its ``main`` and reports images/s; then, on one image, the batched
-MSF forward (a scale and its flip as one batch) against the one-input-at-a-time loop.
+runs the ``infer.py --dict`` work (:func:`models.cam_infer.run`) and reports images/s; then, on one image,
+the batched MSF forward (a scale and its flip as one batch) against the one-input-at-a-time loop.
 
     python bench/infer_speed.py [--n 2] [--width 1.0] [--device cpu] [--threads N]
 
@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import infer  # noqa: E402
 from models.cam import msf_cam  # noqa: E402
+from models.cam_infer import InferSettings, run  # noqa: E402
 from models.resnet38d import Net_gpp  # noqa: E402
+from bench._meta import machine_meta  # noqa: E402
 from tools.io import atomic_torch_save, atomic_write_json  # noqa: E402
 from voc12.data import msf_inputs  # noqa: E402
 
@@ -80,15 +81,12 @@ def main() -> int:
         net = Net_gpp(width=a.width)
         atomic_torch_save(net.state_dict(), tmp / "ckpt.pth")
         del net
-        argv = ["--name", "bench", "--load_epo", "0", "--dict", "--infer_list", str(tmp / "list.txt"),
-                "--data_root", str(tmp / "VOC2012"), "--cls_labels", str(tmp / "cls_labels.npy"),
-                "--ckpt", str(tmp / "ckpt.pth"), "--exp_root", str(tmp / "exp"), "--device", a.device,
-                "--workers", str(a.workers), "--no_progress"]
-        if a.threads:
-            argv += ["--threads", str(a.threads)]
-        args = infer.build_parser().parse_args(argv)
+        args = InferSettings(name="bench", load_epo=0, dict=True, infer_list=str(tmp / "list.txt"),
+                             data_root=str(tmp / "VOC2012"), cls_labels=str(tmp / "cls_labels.npy"),
+                             ckpt=str(tmp / "ckpt.pth"), exp_root=str(tmp / "exp"), device=a.device,
+                             workers=a.workers, no_progress=True, threads=a.threads or None)
         t0 = time.perf_counter()
-        stats = infer.run(args)
+        stats = run(args)
         wall = time.perf_counter() - t0
         assert stats["inferred"] == a.n and len(list((tmp / "exp" / "bench" / "dict").glob("*.npy"))) == a.n
 
@@ -120,6 +118,7 @@ def main() -> int:
         "wall_incl_model_load_s": wall, "batched_vs_loop_one_image": compare,
         "machine": f"{platform.node()} {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine_meta": machine_meta(),
     }
     if a.device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name(0)

@@ -1,4 +1,4 @@
-"""Benchmark: IRN random walk (make_sem_seg_labels §1.7) seconds per image.
+"""Benchmark: IRN random walk (the make_sem_seg_labels step) seconds per image.
 
 VOC-size image (default 500×375 → 94×125 stride-4 grid, 11,750 pixels), 3 classes, beta 10,
 exp_times 8 (T^256), synthetic smooth edge map and CAMs.  Modes:
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from irn.random_walk import propagate_to_edge  # noqa: E402
+from bench._meta import machine_meta  # noqa: E402
 from tools.io import atomic_write_json  # noqa: E402
 
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['mode']:<28} {r['device']:<6} {r['image_wh'][0]}x{r['image_wh'][1]:<5} "
               f"{r['seconds_per_image']:>9.3f}  {r['note']}")
     atomic_write_json(ROOT / "bench" / "results" / "random_walk.json",
-                      {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows})
+                      {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+                       "machine_meta": machine_meta()})
     return 0
 
 

@@ -33,6 +33,7 @@ def one(width: float, phase: str, batch: int, crop: int, steps: int, warmup: int
     from models.ktse import KTSEConfig, KTSEStep, build_optimizer
     from models.resnet38d import Net_gpp
     from tools.misc import backward_step
+    from tools.runtime import amp_setup
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -41,7 +42,7 @@ def one(width: float, phase: str, batch: int, crop: int, steps: int, warmup: int
     net = Net_gpp(width=width)
     opt = build_optimizer(net, 0.01, 5e-4, 1000)
     net.to(dev).train()
-    step = KTSEStep(net, cfg=KTSEConfig(T=10, safe_ce=True)).to(dev)
+    step = KTSEStep(net, cfg=KTSEConfig(ktse_start_epoch=10, safe_ce=True)).to(dev)
     g = torch.Generator().manual_seed(0)
     img = torch.randn(batch, 3, crop, crop, generator=g).to(dev)
     img2 = torch.randn(batch, 3, crop, crop, generator=g).to(dev)
@@ -52,13 +53,12 @@ def one(width: float, phase: str, batch: int, crop: int, steps: int, warmup: int
     y2[:, 14] = 1
     y, y2 = y.to(dev), y2.to(dev)
     epo = 0 if phase == "cls" else 10
-    scaler = torch.amp.GradScaler("cuda") if (amp and dev.type == "cuda") else None
-    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    autocast, scaler = amp_setup(dev, amp)  # the trainers' AMP (fp16 + GradScaler on CUDA, bf16 on CPU)
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def run() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=dev.type, dtype=dtype, enabled=amp):
+        with autocast():
             out = step(img, img2, y, y2, epo)
         backward_step(out["loss"], opt, scaler)
 
@@ -88,9 +88,11 @@ def one(width: float, phase: str, batch: int, crop: int, steps: int, warmup: int
 
 
 def _write(path: str, rows: list[dict], note: str = "") -> None:
+    from bench._meta import machine_meta
     from tools.io import atomic_write_json
 
     out = {"benchmark": "stage-one training step (KTSE+)", "host": platform.node(), "cpu_count": os.cpu_count(),
+           "machine_meta": machine_meta(),
            "note": "cls = epoch < T (classification only); ktse = epoch >= T (4 forwards + PAR + all losses). "
                    "CPU memory is the process peak RSS (includes the model, gradients and optimizer state). " + note,
            "rows": rows}

@@ -1,4 +1,4 @@
-"""IRN-specific datasets (reference ``voc12/dataloader.py`` of the IRN fork; stage2.md §1.6).
+"""IRN-specific datasets (reference ``voc12/dataloader.py`` of the IRN fork).
 
 The multi-scale + flip CAM inputs come from ``voc12.data.MSFDataset`` (same pipeline: PIL
 bicubic, ImageNet normalisation, [image, flip] per scale); this file only adds the two sets
@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from irn.path_index import PathIndex, affinity_labels
 from tools.imutils import normalize_imagenet, pil_resize, read_label_png
 from tools.errors import DataError
+from tools.dataset import DatasetInfo, get_dataset
 from voc12.data import EpochSeededDataset, hwc_to_chw, load_image, random_crop_pad, scaled_side
 
 IGNORE = 255
@@ -56,9 +57,10 @@ class AffinityDataset(EpochSeededDataset):
 
     def __init__(self, ids: Sequence[str], voc_root: os.PathLike | str, label_dir: os.PathLike | str,
                  path_index: PathIndex, crop_size: int = 512, rescale: tuple[float, float] = (0.5, 1.5),
-                 hor_flip: bool = True, seed: int = 0) -> None:
+                 hor_flip: bool = True, seed: int = 0, dataset: DatasetInfo | str = "voc12") -> None:
         self.ids = list(ids)
         self.voc_root = Path(voc_root)
+        self.dataset = get_dataset(dataset)
         self.label_dir = Path(label_dir)
         self.path_index = path_index
         self.crop_size = int(crop_size)
@@ -70,7 +72,7 @@ class AffinityDataset(EpochSeededDataset):
     def __getitem__(self, idx: int) -> dict:
         rng = self.item_rng(idx)
         name = self.ids[idx]
-        img = load_image(self.voc_root, name)
+        img = load_image(self.voc_root, name, self.dataset)
         label = read_label_png(self.label_dir / f"{name}.png")
         if label.shape != img.shape[:2]:
             raise DataError(f"ir_label {self.label_dir / (name + '.png')} is {label.shape}, image {img.shape[:2]}; "
@@ -86,7 +88,8 @@ class AffinityDataset(EpochSeededDataset):
         img, label = crop_image_and_label(img, label, self.crop_size, rng)
         h, w = label.shape
         reduced = pil_resize(label, (scaled_side(h * 0.25), scaled_side(w * 0.25)), "nearest")
-        bg, fg, neg = affinity_labels(reduced, self.path_index.src_indices, self.path_index.dst_indices)
+        bg, fg, neg = affinity_labels(reduced, self.path_index.src_indices, self.path_index.dst_indices,
+                                      self.dataset.num_classes)
         return {"name": name, "img": torch.from_numpy(hwc_to_chw(img)),
                 "aff_bg_pos_label": torch.from_numpy(bg), "aff_fg_pos_label": torch.from_numpy(fg),
                 "aff_neg_label": torch.from_numpy(neg)}
@@ -95,25 +98,28 @@ class AffinityDataset(EpochSeededDataset):
 class TopLeftCropDataset(Dataset):
     """Normalised images, top-left ``crop`` window padded with 0 (train_irn's displacement-mean pass)."""
 
-    def __init__(self, ids: Sequence[str], voc_root: os.PathLike | str, crop_size: int = 512) -> None:
+    def __init__(self, ids: Sequence[str], voc_root: os.PathLike | str, crop_size: int = 512,
+                 dataset: DatasetInfo | str = "voc12") -> None:
         self.ids = list(ids)
         self.voc_root = Path(voc_root)
         self.crop_size = int(crop_size)
+        self.dataset = get_dataset(dataset)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, idx: int) -> dict:
-        img = normalize_imagenet(load_image(self.voc_root, self.ids[idx]))
+        img = normalize_imagenet(load_image(self.voc_root, self.ids[idx], self.dataset))
         return {"name": self.ids[idx], "img": torch.from_numpy(hwc_to_chw(top_left_crop(img, self.crop_size, 0)))}
 
 
 class ImageFlipDataset(Dataset):
     """make_sem_seg_labels inputs: ``(id, (2,3,H,W) float32 [image, W-flipped image])`` at scale 1.0."""
 
-    def __init__(self, ids: Sequence[str], voc_root: os.PathLike | str) -> None:
+    def __init__(self, ids: Sequence[str], voc_root: os.PathLike | str, dataset: DatasetInfo | str = "voc12") -> None:
         self.ids = list(ids)
         self.voc_root = Path(voc_root)
+        self.dataset = get_dataset(dataset)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -121,5 +127,5 @@ class ImageFlipDataset(Dataset):
     def __getitem__(self, idx: int) -> tuple[str, np.ndarray]:
         from voc12.data import msf_inputs
 
-        pair = msf_inputs(load_image(self.voc_root, self.ids[idx]), (1.0,))
+        pair = msf_inputs(load_image(self.voc_root, self.ids[idx], self.dataset), (1.0,))
         return self.ids[idx], np.stack(pair)

@@ -1,4 +1,4 @@
-"""Pixel-pair indexing for IRN (reference ``misc/indexing.py``; stage2.md §1.5).
+"""Pixel-pair indexing for IRN (reference ``misc/indexing.py``).
 
 A ``PathIndex`` of radius r enumerates the pair directions (dy, dx) of the upper half
 disc, the integer pixels on the straight path between a source pixel and each
@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from voc12.dataset import VOC12
 
 __all__ = ["PathIndex", "search_directions", "edge_to_affinity", "affinity_labels", "affinity_sparse_to_dense"]
 
@@ -117,17 +119,17 @@ def edge_to_affinity(edge: torch.Tensor, path_indices: Sequence[np.ndarray | tor
     return torch.cat(out, dim=1)
 
 
-def affinity_labels(label: np.ndarray, src_indices: np.ndarray, dst_indices: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def affinity_labels(label: np.ndarray, src_indices: np.ndarray, dst_indices: np.ndarray,
+                    num_classes: int = VOC12.num_classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pair labels from a reduced seed map (``GetAffinityLabelFromIndices``).
 
-    label: (Hg, Wg) uint8, 0 = bg, 1..20 classes, ≥ 21 (255) = unknown.
+    label: (Hg, Wg) uint8, 0 = bg, 1..C classes, ≥ num_classes = C + 1 (255) = unknown.
     Returns float32 (n_dirs, n_src) ``bg_pos``, ``fg_pos``, ``neg``.
     """
     flat = np.asarray(label).reshape(-1)
     src = flat[src_indices][None, :]
     dst = flat[dst_indices]
-    valid = (src < 21) & (dst < 21)
+    valid = (src < num_classes) & (dst < num_classes)
     equal = src == dst
     pos = equal & valid
     bg_pos = (pos & (src == 0)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""IRN stage driver (seed command 7: ``cd irn && python run_sample.py``).
+"""IRN stage driver (the authors' README command: ``cd irn && python run_sample.py``).
 
 Default steps, in order: make_cam → cam_to_ir_label → train_irn → make_sem_seg_labels
 (eval_cam and eval_sem_seg exist and are switched on with ``--eval_cam_pass true`` /
@@ -25,13 +25,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from irn/ or elsewhere without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from irn import IRN_DIR, REPO_ROOT  # noqa: E402
+from irn import REPO_ROOT  # noqa: E402
+from models.registry import model_name  # noqa: E402
 from tools import cli  # noqa: E402
+from tools.dataset import DatasetArgumentParser, add_dataset_arg  # noqa: E402
+from tools.layout import IRNLayout  # noqa: E402
 from tools.errors import DataError, WSSSError, require_all, run_cli  # noqa: E402
 from tools.misc import Timer, str2bool  # noqa: E402
 
-SEM_SEG_DIR = REPO_ROOT / "segmentation" / "data" / "sem_seg"
-MASK_DIR = REPO_ROOT / "segmentation" / "data" / "mask_irn"
+#: the reference's output folders (irn/result, irn/sess, segmentation/data/{sem_seg,mask_irn})
+LAYOUT = IRNLayout.reference(REPO_ROOT)
 
 
 #: The reference's execution order: (switch, step module under irn/steps/).
@@ -51,37 +54,37 @@ def _scales(s: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = DatasetArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, fill=dataset_args,
+                              stage="run_sample")
     a = p.add_argument
     # Environment
     a("--num_workers", type=cli.nonneg_int, default=max(1, (os.cpu_count() or 2) // 2))
-    a("--voc12_root", default=str(REPO_ROOT / "data" / "VOC2012"), help="VOC2012 folder (JPEGImages, SegmentationClass)")
+    add_dataset_arg(p)
+    a("--voc12_root", default=None, help="dataset folder (default: the dataset's under the repository, "
+      "data/VOC2012 for voc12)")
     a("--device", type=cli.device, default="auto",
       help=f"{cli.DEVICE_HELP} (cuda without index: one process per GPU)")
     a("--seed", type=cli.nonneg_int, default=0)
     a("--quiet", type=str2bool, default=False, help="hide progress bars")
     # Dataset
-    a("--train_list", default=str(REPO_ROOT / "voc12" / "train_aug.txt"))
-    a("--val_list", default=str(REPO_ROOT / "voc12" / "val.txt"), help="unused (reference flag)")
-    a("--infer_list", default=str(REPO_ROOT / "voc12" / "train.txt"), help="train_irn's displacement-mean pass")
-    a("--cls_labels", default=str(REPO_ROOT / "voc12" / "cls_labels.npy"))
-    a("--chainer_eval_set", default="train", help="ImageSets/Segmentation/<set>.txt scored by the eval steps")
+    a("--train_list", default=None, help="default: the dataset's training list (VOC voc12/train_aug.txt)")
+    a("--infer_list", default=None, help="train_irn's displacement-mean pass (default: the dataset's seed "
+      "list, VOC voc12/train.txt)")
+    a("--cls_labels", default=None, help="default: the dataset's (VOC voc12/cls_labels.npy)")
+    a("--chainer_eval_set", default="train", help="list scored by the eval steps (VOC: "
+      "ImageSets/Segmentation/<set>.txt; COCO: train, val or val_part)")
     a("--eval_list", default=None, help="id list for the eval steps (overrides --chainer_eval_set)")
     # Class Activation Map
-    a("--cam_network", default="net.resnet38d", help="kept for compatibility; always models.resnet38d.Net_gpp")
+    a("--cam_network", type=model_name("--cam_network"), default="net.resnet38d",
+      help="stage-one model of the checkpoint (models/registry.py; net.resnet38d = ktse's Net_gpp)")
     a("--cam_width", type=cli.positive_float, default=None, help="Net_gpp width multiplier (default: read from the checkpoint)")
-    a("--cam_crop_size", type=cli.positive_int, default=512)
-    a("--cam_batch_size", type=cli.positive_int, default=16)
-    a("--cam_num_epoches", type=cli.positive_int, default=5)
-    a("--cam_learning_rate", type=cli.positive_float, default=0.1)
-    a("--cam_weight_decay", type=cli.nonneg_float, default=1e-4)
     a("--cam_eval_thres", type=cli.fraction, default=0.15)
     a("--cam_scales", type=_scales, default=(1.0, 0.5, 1.5, 2.0), help="comma-separated")
     # Mining Inter-pixel Relations
     a("--conf_fg_thres", type=cli.fraction, default=0.30)
     a("--conf_bg_thres", type=cli.fraction, default=0.1)
     # Inter-pixel Relation Network (IRNet)
-    a("--irn_network", default="net.resnet50_irn", help="kept for compatibility; always irn.net.resnet50_irn")
     a("--irn_crop_size", type=cli.positive_int, default=512)
     a("--irn_batch_size", type=cli.positive_int, default=32)
     a("--irn_num_epoches", type=cli.positive_int, default=3)
@@ -99,20 +102,30 @@ def build_parser() -> argparse.ArgumentParser:
     a("--exp_times", type=cli.nonneg_int, default=8, help="random walk = T^(2^exp_times)")
     a("--ins_seg_bg_thres", type=cli.fraction, default=0.25)
     a("--sem_seg_bg_thres", type=cli.fraction, default=0.25)
-    a("--rw_mode", default="auto", choices=("auto", "dense", "sparse"),
-      help="dense = reference matrix squaring (float32); sparse = same walk by sparse iteration (float64); "
-           "auto = dense on CUDA, sparse on CPU")
+    a("--rw_mode", default="auto", choices=("auto", "dense", "chunked", "sparse"),
+      help="dense = reference matrix squaring (float32); chunked = the same squaring in two (hw)^2 buffers; "
+           "sparse = same walk by sparse iteration (float64); auto = per image on CUDA the first of dense, "
+           "chunked, sparse that fits the free GPU memory, sparse on CPU")
     # Output Path
     a("--log_name", default="sample_train_eval", help="stdout is also written to <log_name>.log")
-    a("--cam_weights_name", default=str(IRN_DIR / "sess" / "031net_main"), help="stage-one checkpoint, '.pth' appended")
-    a("--irn_weights_name", default=str(IRN_DIR / "sess" / "res50_irn.pth"))
-    a("--cam_out_dir", default=str(IRN_DIR / "result" / "cam"))
-    a("--ir_label_out_dir", default=str(IRN_DIR / "result" / "ir_label"))
-    a("--sem_seg_out_dir", default=str(SEM_SEG_DIR))
-    a("--ins_seg_out_dir", default=str(IRN_DIR / "result" / "ins_seg"))
-    a("--score_dir", default=str(IRN_DIR / "result" / "score"))
+    a("--cam_weights_name", default=str(LAYOUT.cam_weights(31)), help="stage-one checkpoint, '.pth' appended")
+    a("--irn_weights_name", default=str(LAYOUT.weights))
+    a("--cam_out_dir", default=str(LAYOUT.cam))
+    a("--ir_label_out_dir", default=str(LAYOUT.ir_label))
+    a("--sem_seg_out_dir", default=str(LAYOUT.sem_seg))
+    a("--ins_seg_out_dir", default=str(LAYOUT.ins_seg))
+    a("--score_dir", default=str(LAYOUT.score))
     a("--overwrite", type=str2bool, nargs="?", const=True, default=False, help="redo outputs that exist")
     # Step
+    # reference flags that do nothing here: stage one is trained by train.py, the IRN network is fixed
+    cli.add_compat_flags(p, {
+        "--val_list": dict(default=str(REPO_ROOT / "voc12" / "val.txt")),
+        "--cam_crop_size": dict(type=cli.positive_int, default=512),
+        "--cam_batch_size": dict(type=cli.positive_int, default=16),
+        "--cam_num_epoches": dict(type=cli.positive_int, default=5),
+        "--cam_learning_rate": dict(type=cli.positive_float, default=0.1),
+        "--cam_weight_decay": dict(type=cli.nonneg_float, default=1e-4),
+        "--irn_network": dict(default="net.resnet50_irn")})
     for name, default in (("train_cam_pass", False), ("make_cam_pass", True), ("eval_cam_pass", False),
                           ("cam_to_ir_label_pass", True), ("train_irn_pass", True), ("make_ins_seg_pass", False),
                           ("eval_ins_seg_pass", False), ("make_sem_seg_pass", True), ("eval_sem_seg_pass", False)):
@@ -141,6 +154,25 @@ class _Tee:
         return self.stream.isatty()
 
 
+def dataset_args(args: argparse.Namespace):
+    """Fill ``--voc12_root``, ``--train_list``, ``--infer_list`` and ``--cls_labels`` left unset from the
+    ``--dataset`` descriptor, as absolute paths under the repository (the reference's defaults do not
+    depend on the working directory); returns the descriptor."""
+    from tools.dataset import dataset_of, fill_dataset_defaults
+
+    unset = [k for k in ("voc12_root", "train_list", "infer_list", "cls_labels") if getattr(args, k, None) is None]
+    if "voc12_root" in unset:
+        args.voc12_root = str(REPO_ROOT / dataset_of(args).default_root)
+    ds = fill_dataset_defaults(args, "voc12_root", train_list="train_list", infer_list="seed_list",
+                               cls_labels="cls_labels")
+    root = Path(args.voc12_root).parts
+    for k in unset:
+        v = Path(getattr(args, k))
+        if v.parts[:len(root)] != root:  # a repository file (voc12/train_aug.txt), not one under the data root
+            setattr(args, k, str(REPO_ROOT / v))
+    return ds
+
+
 def enabled_steps(args: argparse.Namespace) -> list[str]:
     """The step modules ``run`` will execute, in order."""
     return [step for flag, step in STEP_ORDER if getattr(args, flag)]
@@ -155,8 +187,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     from irn.steps.train_irn import IMAGENET_HINT, default_imagenet_paths
     from tools.crf import INSTALL_HINT
     from tools.misc import get_device
-    from voc12.lists import LABELS_HINT, VOC_HINT
 
+    ds = dataset_args(args)
+    LABELS_HINT, VOC_HINT = ds.labels_hint, ds.root_hint
     get_device(args.device)  # a CUDA device that is not there: say so now, not when the first step starts
     steps = enabled_steps(args)
     on = set(steps)
@@ -168,11 +201,11 @@ def check_inputs(args: argparse.Namespace) -> None:
                         "weights: pass --irn_backbone_init none (or the reference width 64)")
     per_image = on & {"make_cam", "cam_to_ir_label", "train_irn", "make_sem_seg_labels"}
     evals = on & {"eval_cam", "eval_sem_seg"}
-    eval_list = args.eval_list or root / "ImageSets" / "Segmentation" / f"{args.chainer_eval_set}.txt"
+    eval_list = args.eval_list or ds.named_list(args.chainer_eval_set, root)
     cams = "make_cam" not in on and on & {"eval_cam", "cam_to_ir_label", "make_sem_seg_labels"}
     require_all([
         (args.train_list if per_image else None, "IRN image list (--train_list)", LABELS_HINT),
-        (root / "JPEGImages" if per_image else None, "VOC JPEGImages folder (--voc12_root)", VOC_HINT, "dir"),
+        (root / ds.image_folder if per_image else None, f"{ds.name} image folder (--voc12_root)", VOC_HINT, "dir"),
         (cam_weights_path(args.cam_weights_name) if "make_cam" in on else None,
          "stage-one checkpoint (--cam_weights_name + .pth)", CAM_WEIGHTS_HINT),
         (args.cls_labels if "make_cam" in on else None, "class-label file (--cls_labels)", LABELS_HINT),
@@ -187,7 +220,7 @@ def check_inputs(args: argparse.Namespace) -> None:
         (args.irn_weights_name if "make_sem_seg_labels" in on and "train_irn" not in on else None,
          "IRN weights (--irn_weights_name)", "run the train_irn step first (--train_irn_pass true)"),
         (eval_list if evals else None, "evaluation list (--eval_list / --chainer_eval_set)", VOC_HINT),
-        (root / "SegmentationClass" if evals else None, "VOC ground-truth folder (--voc12_root)", VOC_HINT, "dir"),
+        (ds.gt_dir(root) if evals else None, f"{ds.name} ground-truth folder (--voc12_root)", VOC_HINT, "dir"),
         (args.sem_seg_out_dir if "eval_sem_seg" in on and "make_sem_seg_labels" not in on else None,
          "pseudo-label folder (--sem_seg_out_dir)", "run make_sem_seg_labels (--make_sem_seg_pass true)", "dir"),
     ], context=f"before any IRN step ran; enabled: {', '.join(steps) or 'none'}")

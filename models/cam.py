@@ -1,5 +1,5 @@
-"""Multi-scale + flip CAM inference of stage one (stage1.md §5.2) and what infer.py / training's
-validation do with the result: CAM overlays (§5.3) and CRF dictionaries (§5.4).
+"""Multi-scale + flip CAM inference of stage one and what infer.py / training's
+validation do with the result: CAM overlays and CRF dictionaries, as the reference writes them.
 
 Output format (the reference ``infer.py --dict``): ``{class index k (int, 0..19): float32 (H, W)}`` for
 every class with ``label[k] > 1e-5``, keys ascending, values in [0, 1), saved with ``np.save`` as a
@@ -7,7 +7,6 @@ pickled 0-d object array.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -16,11 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tools.imutils import VOC_CLASSES
+from voc12.dataset import VOC_CLASSES
+from tools.runtime import autocast
 
 LABEL_EPS = 1e-5  # reference: a class is present when label[k] > 1e-5
 NORM_EPS = 1e-5  # reference: cam / (spatial max + 1e-5)
-#: CRF settings of the reference (stage1.md §5.4): unary -log(clip(p)), Gaussian 3/3, bilateral 80/13/10.
+#: CRF settings of the reference infer.py: unary -log(clip(p)), Gaussian 3/3, bilateral 80/13/10.
 CRF_PARAMS = dict(n_iter=10, gauss_sxy=3, gauss_compat=3, bil_sxy=80, bil_srgb=13, bil_compat=10)
 
 
@@ -29,15 +29,8 @@ def _as_batch(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     return t if t.dim() == 4 else t.unsqueeze(0)
 
 
-def _autocast(device: torch.device, amp: bool):
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def raw_cam(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Raw class maps ``(B, 20, h, w)``: ``net(x)[0]``, through ``forward_cam`` when the network has it
+    """Raw class maps ``(B, C, h, w)``: ``net(x)[0]``, through ``forward_cam`` when the network has it
     (identical values: the cam is computed before the GPP head, which it skips)."""
     fwd = getattr(net, "forward_cam", None)
     if fwd is None and hasattr(net, "module"):  # DataParallel / DDP wrapper
@@ -53,7 +46,7 @@ def msf_cam(net: torch.nn.Module, inputs: Sequence[torch.Tensor | np.ndarray],
     net: the stage-one network in eval mode (dropout off); its device is used.
     inputs: ``[s0, s0 flipped, s1, s1 flipped, ...]`` float32 ``(3, h_s, w_s)`` or ``(1, 3, h_s, w_s)``;
         odd positions are horizontally flipped copies (``voc12.data.msf_inputs``).
-    label: ``(20,)`` multi-hot; size: original ``(H, W)`` (default: the shape of ``inputs[2]``, the
+    label: ``(C,)`` multi-hot; size: original ``(H, W)`` (default: the shape of ``inputs[2]``, the
         unflipped scale-1.0 input, as the reference).
     Per input: cam -> bilinear (align_corners=False) to (H, W) -> ReLU -> x label -> flip back if flipped;
     the 8 maps are summed and each class divided by (its max + 1e-5).
@@ -82,7 +75,7 @@ def msf_cam(net: torch.nn.Module, inputs: Sequence[torch.Tensor | np.ndarray],
     with torch.inference_mode():
         for idx in groups.values():
             x = torch.cat([batches[i] for i in idx]).to(device, non_blocking=True).float()
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 cam = raw_cam(net, x)
             cam = cam.float().index_select(1, sel)  # only the labelled classes are ever used
             cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
@@ -98,16 +91,18 @@ def msf_cam(net: torch.nn.Module, inputs: Sequence[torch.Tensor | np.ndarray],
 
 
 # ----------------------------------------------------------------------------------------------
-# Visualisation and CRF (run on infer.py's writer thread; numpy/matplotlib only)
+# Visualisation and CRF (run on the writer thread of models/cam_infer.py; numpy/matplotlib only)
 # ----------------------------------------------------------------------------------------------
 
-def overlay_path(folder: os.PathLike | str, tag: int, img_id: str, k: int) -> Path:
-    """Reference name: ``<folder>/<tag:03d>_<id>_cam_<classname>.png``."""
-    return Path(folder) / f"{int(tag):03d}_{img_id}_cam_{VOC_CLASSES[k]}.png"
+def overlay_path(folder: os.PathLike | str, tag: int, img_id: str, k: int,
+                 class_names: Sequence[str] = VOC_CLASSES) -> Path:
+    """Reference name: ``<folder>/<tag:03d>_<id>_cam_<classname>.png`` (``class_names``: the dataset's
+    foreground names; a space in a name, as in COCO's 'traffic light', becomes '_')."""
+    return Path(folder) / f"{int(tag):03d}_{img_id}_cam_{class_names[k].replace(' ', '_')}.png"
 
 
 def save_overlays(img: np.ndarray, cam_dict: Mapping[int, np.ndarray], folder: os.PathLike | str,
-                  tag: int, img_id: str) -> list[Path]:
+                  tag: int, img_id: str, class_names: Sequence[str] = VOC_CLASSES) -> list[Path]:
     """One PNG per class: the image with its normalised CAM over it (``jet``, alpha 0.6, axes off,
     matplotlib's default 6.4x4.8 in at 100 dpi), as the reference ``--vis``.
 
@@ -127,7 +122,7 @@ def save_overlays(img: np.ndarray, cam_dict: Mapping[int, np.ndarray], folder: o
         ax.imshow(img)
         ax.imshow(cam, cmap="jet", alpha=0.6)
         ax.axis("off")
-        path = overlay_path(folder, tag, img_id, int(k))
+        path = overlay_path(folder, tag, img_id, int(k), class_names)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
         written.append(path)

@@ -1,20 +1,24 @@
-"""KTSE / KTSE+ stage-one training logic (stage1.md section 4, ktse_plus.md).
+"""KTSE / KTSE+ stage-one training logic (docs/ktse_plus.md; the reference behaviour kept is listed in
+docs/deviations.md).
 
 Contents:
 - helpers: :func:`max_norm`, :func:`denormalize_img2`, :func:`refine_cams_with_bkg_v2`;
 - losses: :func:`get_seg_loss`, :func:`get_seg_loss2`, :func:`local_align_loss`, :func:`kt_loss`,
   :func:`global_align_loss`, and the KTSE+ activation-leakage-suppression terms
   :func:`als_cross_loss`, :func:`als_bg_loss`;
+- :data:`LOSS_TERMS`: the one declaration of the terms a step returns (and the log prints);
+- :class:`KTSEConfig`: the loss settings by name (:meth:`KTSEConfig.from_flags` maps train.py's reference flags);
 - :class:`KTSEStep`: an ``nn.Module`` whose forward runs one whole KTSE update's forwards and returns
   every loss term (so DDP sees a single forward per backward);
 - :class:`PolyOptimizer`: the reference SGD + poly schedule, including its momentum-slot quirk.
 
-Shapes: B batch, H x W image, h x w = ceil(H/8) x ceil(W/8) CAM size, C = 20 classes.
+Shapes: B batch, H x W image, h x w = ceil(H/8) x ceil(W/8) CAM size, C foreground classes (the dataset
+descriptor's; 20 for VOC).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,7 +31,8 @@ __all__ = [
     "KTSEConfig", "KTSEStep", "PolyOptimizer", "build_optimizer",
     "max_norm", "denormalize_img2", "refine_cams_with_bkg_v2",
     "get_seg_loss", "get_seg_loss2", "local_align_loss", "kt_loss", "global_align_loss",
-    "als_cross_loss", "als_bg_loss", "build_par", "LOSS_NAMES",
+    "als_cross_loss", "als_bg_loss", "build_par", "LossTerm", "LOSS_TERMS", "LOSS_NAMES", "REFERENCE_LOG",
+    "logged_terms", "loss_log_line",
 ]
 
 IGNORE_INDEX = 255
@@ -36,9 +41,57 @@ DELTA = 0.05
 #: number of image pairs stacked for simulated inter-image erasing
 NUM_PAIR = 4
 
-#: order of the reference's log line, then the extra terms of this implementation
-LOSS_NAMES = ("loss_cls", "loss_kt", "loss_seg", "loss_inter", "loss_global_align", "loss_local_align",
-              "loss_seg_fg", "loss_seg_two", "loss_bce", "loss_als_cross", "loss_als_bg", "loss_total")
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One value a training step returns: ``name`` (its key, ``loss_*``), what it is, whether it is one of
+    the reference log line's names, and whether the log prints it."""
+
+    name: str
+    meaning: str
+    reference_log: bool = False
+    logged: bool = True
+
+
+#: The terms :class:`KTSEStep` returns, in log order: the reference log line's eight names first (with the
+#: values the reference logs), then this implementation's. A new loss = one line here, its value in
+#: :meth:`KTSEStep.forward`, its weight as a :class:`KTSEConfig` field; the training log and tensorboard
+#: show whatever the step returns (:func:`logged_terms`), so train.py does not change.
+LOSS_TERMS: tuple[LossTerm, ...] = (
+    LossTerm("loss_cls", "the total loss (reference aliasing; the classification loss before the KTSE terms start)",
+             reference_log=True),
+    LossTerm("loss_kt", "knowledge transfer on the stacked pair", reference_log=True),
+    LossTerm("loss_seg", "pseudo-label segmentation loss of image 1, inter-class term included", reference_log=True),
+    LossTerm("loss_inter", "inter-class term of the segmentation loss", reference_log=True),
+    LossTerm("loss_global_align", "global alignment, weighted by global_align_weight", reference_log=True),
+    LossTerm("loss_local_align", "local alignment", reference_log=True),
+    LossTerm("loss_seg_fg", "foreground cross-entropy of single-class images", reference_log=True),
+    LossTerm("loss_seg_two", "segmentation loss of the stacked pair", reference_log=True),
+    LossTerm("loss_bce", "classification loss alone, weighted by cls_weight"),
+    LossTerm("loss_als_cross", "KTSE+ cross-image leakage (unweighted)"),
+    LossTerm("loss_als_bg", "KTSE+ background leakage (unweighted)"),
+    LossTerm("loss_total", "the total loss, detached (the same value as the returned 'loss')", logged=False),
+)
+LOSS_NAMES = tuple(t.name for t in LOSS_TERMS)
+#: the names of the reference's log line, in its order
+REFERENCE_LOG = tuple(t.name for t in LOSS_TERMS if t.reference_log)
+#: returned keys the log skips: the tensor to backward and its detached copy
+_NOT_LOGGED = frozenset({"loss"} | {t.name for t in LOSS_TERMS if not t.logged})
+
+
+def logged_terms(out: Mapping[str, Any]) -> dict[str, float]:
+    """The values a step returned that the log prints, as floats, in the step's order: every key but
+    ``loss`` (the tensor to backward) and terms declared ``logged=False``."""
+    return {k: float(v) for k, v in out.items() if k not in _NOT_LOGGED}
+
+
+def loss_log_line(means: Mapping[str, float]) -> str:
+    """The training log line: the reference's names present in ``means`` in the reference's order
+    (``loss_cls : v, loss_kt : v, ...``), then ``' | '`` and every other term in ``means``' order."""
+    ref = [k for k in REFERENCE_LOG if k in means]
+    rest = [k for k in means if k not in REFERENCE_LOG]
+    return (", ".join(f"{k} : {round(means[k], 5)}" for k in ref) + " | "
+            + ", ".join(f"{k} : {round(means[k], 5)}" for k in rest))
 
 
 def _up(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -84,7 +137,7 @@ def denormalize_img2(imgs: torch.Tensor) -> torch.Tensor:
 def refine_cams_with_bkg_v2(par: PAR, images: torch.Tensor, cams: torch.Tensor, cls_labels: torch.Tensor,
                             rcam_t: Sequence[float] = (0.3, 0.15), down_scale: int = 2,
                             return_par: bool = False):
-    """PAR-refined pseudo labels (stage1.md 4.6).
+    """PAR-refined pseudo labels, as the reference builds them.
 
     Args:
         par: the PAR module.
@@ -143,7 +196,7 @@ def _ce(pred: torch.Tensor, label: torch.Tensor, ce_log: list | None, safe: bool
 
 def get_seg_loss2(pred: torch.Tensor, label: torch.Tensor, ce_log: list | None = None,
                   safe: bool = False) -> torch.Tensor:
-    """Background CE + 0.0125 * foreground CE (stage1.md 4.7). pred (B,C+1,H,W), label (B,H,W) long.
+    """Background CE + 0.0125 * foreground CE, the reference's weighting. pred (B,C+1,H,W), label (B,H,W) long.
 
     Cross-entropy over only-ignored pixels is NaN (faithful) unless ``safe``.
     """
@@ -159,7 +212,7 @@ def get_seg_loss2(pred: torch.Tensor, label: torch.Tensor, ce_log: list | None =
 def get_seg_loss(pred: torch.Tensor, label: torch.Tensor, cls_label: torch.Tensor, cam_fg: torch.Tensor,
                  ce_log: list | None = None, safe: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pseudo-label segmentation loss with the inter-class term (stage1.md 4.7).
+    """Pseudo-label segmentation loss with the reference's inter-class term.
 
     Args:
         pred: (B,C+1,H,W) scores (KTSE passes ReLU-ed upsampled cam_seg).
@@ -217,7 +270,7 @@ def global_align_loss(cam_masked: torch.Tensor, cam: torch.Tensor, label: torch.
 
 def als_cross_loss(cam_two: torch.Tensor, label1: torch.Tensor, label2: torch.Tensor,
                    delta: float = DELTA) -> torch.Tensor:
-    """KTSE+ cross-image leakage (ktse_plus.md).
+    """KTSE+ cross-image leakage (docs/ktse_plus.md).
 
     Args:
         cam_two: (P,C,2h,w) raw CAM of the stacked pair (image 1 rows first).
@@ -237,7 +290,7 @@ def als_cross_loss(cam_two: torch.Tensor, label1: torch.Tensor, label2: torch.Te
 
 
 def als_bg_loss(cam: torch.Tensor, pseudo: torch.Tensor, label: torch.Tensor, delta: float = DELTA) -> torch.Tensor:
-    """KTSE+ background leakage (ktse_plus.md).
+    """KTSE+ background leakage (docs/ktse_plus.md).
 
     Args:
         cam: (B,C,h,w) raw CAM.
@@ -254,31 +307,59 @@ def als_bg_loss(cam: torch.Tensor, pseudo: torch.Tensor, label: torch.Tensor, de
 # ------------------------------------------------------------------------------------- the step
 @dataclass
 class KTSEConfig:
-    """Loss settings of one update (train.py flags)."""
+    """Loss settings of one update, by name. train.py keeps the reference's flags; :meth:`from_flags` is
+    the one place that maps them (``--W``, ``--TH``, ``--T``, ``--RCAM_T``) onto these fields."""
 
-    T: int = 10
-    TH: Sequence[float] = (0.6, 0.2)
-    W: Sequence[float] = (1.0, 1.0, 0.15)
-    RCAM_T: Sequence[float] = (0.3, 0.15)
+    #: weight of the classification loss (``--W`` first value)
+    cls_weight: float = 1.0
+    #: weight of the global alignment (``--W`` second value); 0 also switches every KTSE term off, as the reference
+    global_align_weight: float = 1.0
+    #: pixels whose normalised foreground CAM is below this are kept by the intra-image erasing (``--TH`` first value)
+    erase_threshold: float = 0.6
+    #: epoch from which the KTSE terms are on (``--T``)
+    ktse_start_epoch: int = 10
+    #: constant background scores (high, low) of the PAR pseudo labels (``--RCAM_T``)
+    pseudo_bg_thresholds: Sequence[float] = (0.3, 0.15)
+    #: KTSE+ cross-image leakage weight (0 = off)
     als_cross: float = 1.0
+    #: KTSE+ background leakage weight (0 = off)
     als_bg: float = 0.1
+    #: image pairs stacked for the simulated inter-image erasing
     num_pair: int = NUM_PAIR
     #: fix: an all-ignored pseudo-label cross-entropy gives 0, not NaN (reference: NaN)
     safe_ce: bool = False
-    extras: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_flags(cls, flags: Any) -> "KTSEConfig":
+        """The config of train.py's parsed flags (an ``argparse.Namespace``): ``--W w0 w1 [...]`` ->
+        cls_weight, global_align_weight; ``--TH th [...]`` -> erase_threshold; ``--T`` -> ktse_start_epoch;
+        ``--RCAM_T`` -> pseudo_bg_thresholds; ``--als_cross``, ``--als_bg``, ``--safe_ce`` as named. The
+        reference's further values of ``--W`` and ``--TH`` are read by nothing and dropped."""
+        from tools.errors import DataError
+
+        if len(flags.W) < 2:
+            raise DataError(f"--W {' '.join(map(str, flags.W))}: needs two values at least (the classification "
+                            "weight and the global-alignment weight), e.g. --W 1 1")
+        return cls(cls_weight=float(flags.W[0]), global_align_weight=float(flags.W[1]),
+                   erase_threshold=float(flags.TH[0]), ktse_start_epoch=int(flags.T),
+                   pseudo_bg_thresholds=tuple(flags.RCAM_T), als_cross=float(flags.als_cross),
+                   als_bg=float(flags.als_bg), safe_ce=bool(flags.safe_ce))
 
 
 class KTSEStep(nn.Module):
     """One KTSE(+) update's forward passes and losses (reference ``model_WSSS.update``).
 
-    ``forward(img, img2, label, label2, epo)`` -> dict with ``loss_total`` (the tensor to backward)
-    and every logged term (see :data:`LOSS_NAMES`). ``loss_cls`` and ``loss_seg`` carry the
-    reference's logged (aliased) values: the total loss and the full seg loss; ``loss_bce`` is the
-    pure classification term. With ``record`` a dict is also filled with intermediate tensors
+    ``forward(img, img2, label, label2, epo)`` -> dict with ``loss`` (the tensor to backward) and every
+    term of :attr:`terms`, detached (:data:`LOSS_TERMS`; zeros before the KTSE terms start).
+    ``loss_cls`` and ``loss_seg`` carry the reference's logged (aliased) values: the total loss and the
+    full seg loss; ``loss_bce`` is the pure classification term. With ``record`` a dict is also filled with intermediate tensors
     (forward outputs, pseudo labels, cross-entropy calls) for parity tests.
 
     img, img2: (B,3,H,W) normalised, H a multiple of 8; label, label2: (B,C) float.
     """
+
+    #: the terms :meth:`forward` returns (a subclass adding a term extends this)
+    terms: tuple[LossTerm, ...] = LOSS_TERMS
 
     def __init__(self, net: nn.Module, par: PAR | None = None, cfg: KTSEConfig | None = None) -> None:
         super().__init__()
@@ -286,13 +367,18 @@ class KTSEStep(nn.Module):
         self.par = par if par is not None else build_par()
         self.cfg = cfg if cfg is not None else KTSEConfig()
 
+    @classmethod
+    def from_flags(cls, net: nn.Module, flags: Any) -> "KTSEStep":
+        """The step train.py builds (models/registry.py): PAR as the reference, config from the flags."""
+        return cls(net, build_par(), KTSEConfig.from_flags(flags))
+
     def forward(self, img: torch.Tensor, img2: torch.Tensor, label: torch.Tensor, label2: torch.Tensor,
                 epo: int, record: dict | None = None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         B, _, H, W = img.shape
-        w0, w1 = float(cfg.W[0]), float(cfg.W[1])
-        th = float(cfg.TH[0])
-        active = w1 > 0 and epo >= cfg.T
+        w0, w1 = float(cfg.cls_weight), float(cfg.global_align_weight)
+        th = float(cfg.erase_threshold)
+        active = w1 > 0 and epo >= cfg.ktse_start_epoch
         zero = torch.zeros((), device=img.device)
 
         cam, out, _gpp, cam_seg = self.net(img)
@@ -309,7 +395,7 @@ class KTSEStep(nn.Module):
         m_full = (fg_full < th).float()
 
         loss_bce = w0 * F.binary_cross_entropy_with_logits(out[:B], y)
-        logs = {k: zero for k in LOSS_NAMES}
+        logs = {t.name: zero for t in self.terms}
         logs["loss_bce"] = loss_bce.detach()
         if not active:
             logs["loss_cls"] = loss_bce.detach()
@@ -328,9 +414,9 @@ class KTSEStep(nn.Module):
         # c. pseudo labels
         with torch.no_grad(), torch.autocast(device_type=img.device.type, enabled=False):
             p1 = refine_cams_with_bkg_v2(self.par, denormalize_img2(img.float()), cam.detach(), y,
-                                         cfg.RCAM_T)
+                                         cfg.pseudo_bg_thresholds)
             p2 = refine_cams_with_bkg_v2(self.par, denormalize_img2(img2.float()), cam2.detach(), y2,
-                                         cfg.RCAM_T)
+                                         cfg.pseudo_bg_thresholds)
         p1l, p2l = p1.long(), p2.long()
         # d. self-supervised segmentation on image 1
         s_pred = _up(F.relu(cam_seg), (H, W))
@@ -382,8 +468,10 @@ class PolyOptimizer(torch.optim.SGD):
 
     def __init__(self, params, lr: float, weight_decay: float, max_step: int, momentum: float = 0.9,
                  momentum_fix: bool = False) -> None:
-        sgd_momentum = 0.9 if momentum_fix else weight_decay
-        super().__init__(params, lr, momentum=sgd_momentum, weight_decay=weight_decay)
+        from tools.runtime import sgd_momentum
+
+        super().__init__(params, lr, momentum=sgd_momentum(0.9, weight_decay, momentum_quirk=not momentum_fix),
+                         weight_decay=weight_decay)
         self.global_step = 0
         self.max_step = int(max_step)
         self.momentum = momentum  # poly power, as the reference names it
@@ -393,10 +481,11 @@ class PolyOptimizer(torch.optim.SGD):
             g.setdefault("initial_lr", lr0)
 
     def step(self, closure=None):  # type: ignore[override]
-        if self.global_step < self.max_step:
-            self.lr_mult = (1 - self.global_step / self.max_step) ** self.momentum
-            for g in self.param_groups:
-                g["lr"] = g["initial_lr"] * self.lr_mult
+        from tools.runtime import PolySchedule, poly_lr
+
+        sched = PolySchedule.for_optimizer(self, self.max_step, self.momentum, key="initial_lr")
+        if sched.apply(self, self.global_step):
+            self.lr_mult = poly_lr(1.0, self.global_step, self.max_step, self.momentum)
         loss = super().step(closure)
         self.global_step += 1
         return loss

@@ -1,7 +1,7 @@
 """Read MXNet NDArray list files (``.params``, ``.nd``) with numpy alone, and turn the ImageNet
 ResNet-38 weights into this project's (= the reference's) torch state_dict keys.
 
-The binary layout (``../shared/realdata/MXNET_PARAMS_FORMAT.md``, little-endian throughout)::
+The binary layout (MXNet's NDArray list serialisation, little-endian throughout)::
 
     u64 0x112 | u64 0 | u64 N | N array records | u64 K (0 or N) | K x (u64 length, UTF-8 name)
 
@@ -18,7 +18,7 @@ against the file size before touching it and requires the last name to end exact
 of the file, so a truncated file, a wrong dim width or a misread sparse record all fail loudly
 with the file's path in the message.
 
-The reference (stage1.md §2) reads the weights with ``mxnet.nd.load`` and renames them with a
+The reference reads the weights with ``mxnet.nd.load`` and renames them with a
 token rule; :func:`convert_resnet38_names` applies the same rule and adds what the reference
 lacks: it strips ``arg:``/``aux:`` prefixes, refuses name collisions and checks that exactly the
 191 backbone tensors come out (the reference loads with ``strict=False``, so a miss was silent).
@@ -345,7 +345,7 @@ def resnet38_backbone_shapes() -> dict[str, tuple[int, ...]]:
     """The 191 backbone tensors the ImageNet file must provide, in state_dict order.
 
     43 conv weights (conv1a; b2 ... b5_2 incl. 4 projections; b6, b7) and 37 BatchNorms x
-    (weight, bias, running_mean, running_var); stage1.md §1.2 / §2. Shapes at reference width.
+    (weight, bias, running_mean, running_var). Shapes at reference width.
     """
     out: dict[str, tuple[int, ...]] = {"conv1a.weight": (64, 3, 3, 3)}
 
@@ -386,7 +386,7 @@ def _strip_prefix(name: str) -> str:
 
 
 def _resnet38_torch_key(name: str) -> str | None:
-    """The reference's token rule (stage1.md §2); None = dropped or not mappable."""
+    """The reference's token rule for MXNet names; None = dropped or not mappable."""
     t = name.split("_")
     t0, last = t[0], t[-1]
     if "conv1a" in t0:
@@ -408,7 +408,7 @@ def _listing(keys: Sequence[str], limit: int = 40) -> str:
 
 
 def convert_resnet38_names(params: Mapping[str, np.ndarray], source: str = "MXNet params") -> dict[str, np.ndarray]:
-    """Rename MXNet ResNet-38 arrays to the stage-one torch keys (stage1.md §2).
+    """Rename MXNet ResNet-38 arrays to the stage-one torch keys.
 
     ``arg:``/``aux:`` prefixes are stripped; ``linear1000_*`` (the ImageNet classifier) is dropped.
     The result must hold exactly the 191 keys of :func:`resnet38_backbone_shapes` (returned in that

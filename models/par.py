@@ -1,4 +1,4 @@
-"""Pixel-adaptive refinement (PAR) of probability maps with image affinities (stage1.md 4.4).
+"""Pixel-adaptive refinement (PAR) of probability maps with image affinities.
 
 Each pixel is repeatedly replaced by an affinity-weighted sum of its 8 neighbours at each
 dilation (48 neighbours for the default dilations). Affinities combine a colour term

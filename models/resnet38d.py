@@ -2,9 +2,9 @@
 
 Attribute names are the reference checkpoint keys (``net_gpp_keys.json``: 241 tensors), so
 released checkpoints (``experiments/<name>/ckpt/NNNnet_main.pth``, plain state_dicts) load
-with ``strict=True``. See ``stage1.md`` section 1 for the architecture.
+with ``strict=True``. The network is the reference's ResNet-38 backbone with its KTSE heads, layer for layer.
 
-Conventions: B batch, H x W input, h x w = ceil(H/8) x ceil(W/8), C = 20 classes.
+Conventions: B batch, H x W input, h x w = ceil(H/8) x ceil(W/8), C foreground classes (VOC 20, COCO 80: tools/dataset.py).
 
 ``width`` scales every trunk channel count (1.0 = reference). It exists only so CPU toy runs
 and tests can train in minutes; a ``width != 1`` model cannot load reference weights.
@@ -12,13 +12,17 @@ and tests can train in minutes; a ``width != 1`` model cannot load reference wei
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import os
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ResBlock", "ResBlockBot", "GatedFusion", "Net_gpp", "scaled_channels"]
+from voc12.dataset import VOC12
+
+__all__ = ["ResBlock", "ResBlockBot", "GatedFusion", "Net_gpp", "scaled_channels", "network_weights",
+           "load_stage_one"]
 
 #: Pyramid levels of the GPP head (adaptive pooling grid sides).
 GPP_LEVELS = (2, 4, 8, 16)
@@ -99,7 +103,7 @@ class GatedFusion(nn.Module):
     gate is a 3x3 conv 2C -> 2 followed by a sigmoid, one map per input, broadcast over C.
     """
 
-    def __init__(self, num_classes: int = 20) -> None:
+    def __init__(self, num_classes: int = VOC12.num_fg) -> None:
         super().__init__()
         self.att_p = nn.Sequential(nn.Conv2d(2 * num_classes, 2, 3, padding=1, bias=False))
         self.att_n = nn.Sequential(nn.Conv2d(2 * num_classes, 2, 3, padding=1, bias=False))
@@ -119,7 +123,8 @@ class Net_gpp(nn.Module):  # noqa: N801 - reference class name
 
     Args:
         D: feature width of fc8 (256 in the reference).
-        C: number of foreground classes (20); fc9 has C+1 outputs (background first).
+        C: number of foreground classes (the dataset descriptor's; VOC 20, COCO 80); fc9 has C+1 outputs
+            (background first).
         width: trunk channel multiplier (1.0 = reference; smaller only for toy/CPU runs).
 
     ``forward(x)`` with x (B,3,H,W) returns ``(cam, out, gpp, cam_seg)``:
@@ -127,7 +132,7 @@ class Net_gpp(nn.Module):  # noqa: N801 - reference class name
     gpp (B,C,h,w) gated pyramid map; cam_seg (B,C+1,h,w) fc9 scores (background first).
     """
 
-    def __init__(self, D: int = 256, C: int = 20, width: float = 1.0, train_bn: bool = False,
+    def __init__(self, D: int = 256, C: int = VOC12.num_fg, width: float = 1.0, train_bn: bool = False,
                  train_stem: bool = False) -> None:
         super().__init__()
         self.width = float(width)
@@ -229,6 +234,30 @@ class Net_gpp(nn.Module):  # noqa: N801 - reference class name
         gpp, out = self.gpp_head(cam)
         return cam, out, gpp, cam_seg
 
+    # ------------------------------------------------------------------ from a checkpoint
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any], width: float | None = None, D: int | None = None,
+                        what: str = "checkpoint") -> "Net_gpp":
+        """A network whose shapes fit ``state_dict``, loaded strictly, in eval mode (on CPU).
+
+        ``state_dict``: a plain ``Net_gpp`` state dict, or a training-state file holding one under
+        ``'model'`` / ``'state_dict'`` (see :func:`network_weights`); a ``module.`` prefix on every key
+        (DataParallel/DDP) is dropped. ``width`` None: read from the tensor shapes (the first of
+        ``bn7``/``b7.conv_branch1`` rows / 4096 and ``conv1a`` rows / 64 whose whole architecture has
+        the checkpoint's shapes); given, it is used as is. ``D`` and ``C`` come from ``fc8``/``fc9``; ``D``
+        is only the fallback for a file without ``fc8.weight``. A mismatch raises
+        :class:`tools.checkpoint.CheckpointKeyError` naming the keys and ``what``.
+        """
+        from tools.checkpoint import load_state_dict_checked
+
+        sd = network_weights(state_dict, what)
+        d = int(sd["fc8.weight"].shape[0]) if "fc8.weight" in sd else int(D or 256)
+        c = int(sd["fc9.weight"].shape[0]) - 1 if "fc9.weight" in sd else VOC12.num_fg
+        w = float(width) if width is not None else _fitting_width(cls, sd, d, c)
+        net = cls(D=d, C=c, width=w)
+        load_state_dict_checked(net, sd, strict=True, what=f"{what} (width {w:g})")
+        return net.eval()
+
     # ------------------------------------------------------------------ training setup
     def train(self, mode: bool = True) -> "Net_gpp":
         """Reference override: conv1a/b2* frozen, every BatchNorm in eval mode and frozen.
@@ -282,3 +311,61 @@ class Net_gpp(nn.Module):  # noqa: N801 - reference class name
 def feature_size(n: int) -> int:
     """Feature-map side for an input side n (three stride-2 convs with padding): ceil(n/8)."""
     return math.ceil(n / 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint -> network
+# ----------------------------------------------------------------------------------------------
+
+#: keys whose rows give the trunk width, with their channel count at width 1
+_WIDTH_KEYS = (("bn7.weight", 4096), ("b7.conv_branch1.weight", 4096), ("conv1a.weight", 64))
+
+
+def network_weights(obj: Any, what: str = "checkpoint") -> dict[str, Any]:
+    """The network's state dict inside a loaded checkpoint file.
+
+    ``obj``: a plain state dict, or a training-state dict holding it under ``'model'`` (train.py's
+    ``last.pth``) or ``'state_dict'``. A ``module.`` prefix on every key is removed.
+    Raises :class:`tools.errors.DataError` naming ``what`` when no state dict is found.
+    """
+    from tools.errors import DataError
+
+    sd = obj
+    for key in ("model", "state_dict"):
+        if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping) and "fc9.weight" not in sd:
+            sd = sd[key]
+            break
+    if not isinstance(sd, Mapping):
+        raise DataError(f"{what} holds {type(sd).__name__}; expected a Net_gpp state_dict.")
+    sd = dict(sd)
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _fitting_width(cls: type, sd: Mapping[str, Any], D: int, C: int) -> float:
+    """The first candidate width whose model has exactly the tensor shapes of ``sd`` (built on the meta
+    device: no memory). None fits: the first candidate, so the strict load names the mismatching keys."""
+    cands = [float(sd[k].shape[0]) / c for k, c in _WIDTH_KEYS if k in sd and hasattr(sd[k], "shape")]
+    cands = list(dict.fromkeys(cands + [1.0]))
+    for w in cands:
+        with torch.device("meta"):
+            own = cls(D=D, C=C, width=w).state_dict()
+        if all(k in sd and tuple(getattr(sd[k], "shape", ())) == tuple(v.shape) for k, v in own.items()):
+            return w
+    return cands[0]
+
+
+def load_stage_one(path: os.PathLike | str, width: float | None = None, D: int | None = None,
+                   model: str = "ktse", what: str = "stage-one checkpoint", hint: str = "") -> nn.Module:
+    """Read a stage-one checkpoint file safely (``weights_only``) and build its network, in eval mode on CPU.
+
+    ``model``: a stage-one model name of :mod:`models.registry` (aliases accepted); its network class's
+    ``from_state_dict`` infers width/D and loads strictly. Errors name ``path``; a missing or unreadable
+    file also gets ``hint`` (where to get a checkpoint).
+    """
+    from models.registry import get_model
+    from tools.checkpoint import load_torch_file
+
+    obj = load_torch_file(path, what, hint)
+    return get_model(model).network_class().from_state_dict(obj, width=width, D=D, what=f"{what} '{path}'")

@@ -2,7 +2,7 @@
 ``experiments/<name>/report.md`` with its PNGs (stage bars, CAM threshold curve, per-class IoU bars,
 a grid of example images with CAM seeds, pseudo-labels and predictions).
 
-Everything here reads files the stage CLIs wrote (evaluation.py's ``eval_*.json``, CAM dictionaries,
+Everything here reads files the stage CLIs wrote (their metrics records, :func:`tools.metrics.metrics_record`; CAM dictionaries,
 label PNGs) and the runner's step records; nothing is recomputed except the trivial baselines, which
 are scored with :mod:`tools.metrics` like every stage. Rerunning ``run_pipeline.py`` on a finished
 run skips every step and rebuilds the table and the report.
@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from tools.imutils import CAT_NAMES_BG, read_gt_png, read_label_png, read_rgb, voc_palette
+from tools.dataset import DatasetInfo, get_dataset
+from tools.imutils import read_gt_png, read_label_png, read_rgb
 from tools.io import atomic_path, atomic_write_text
-from tools.metrics import confusion_matrix, iou_from_confusion
-
-NUM_CLASSES = 21
+from tools.metrics import confusion_matrix, iou_from_confusion, read_metrics
+from voc12.dataset import VOC12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,61 +44,16 @@ def read_json(path: os.PathLike | str | None) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-_FLOAT = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
-
-
-def parse_miou_line(text: str, pattern: str = r"mIoU\s*[:=]\s*" + _FLOAT + r"\s*(%?)") -> float | None:
-    """The LAST mIoU printed in ``text``, as a percentage.
-
-    The default pattern accepts ``mIoU: 0.6123`` (BECO's fractions, scaled by 100),
-    ``mIoU:  61.230%`` and ``mIoU: 61.2%`` (percentages). A value <= 1 without a '%' sign is
-    taken as a fraction. Returns None when no line matches.
-    """
-    matches = list(re.finditer(pattern, text))
-    if not matches:
+def record_iou(rec: Mapping | None, num_classes: int = VOC12.num_classes) -> list[float] | None:
+    """Per-class IoU (percent, ``num_classes`` values, the stage-one formula of
+    :func:`tools.metrics.iou_from_confusion`) from a metrics record's confusion matrix, whatever its
+    mIoU definition, so the per-class figures of every stage compare; None when absent."""
+    if not rec or rec.get("confusion_matrix") is None:
         return None
-    m = matches[-1]
-    value = float(m.group(1))
-    has_pct = len(m.groups()) > 1 and m.group(2) == "%"
-    return value if has_pct or value > 1.0 else value * 100.0
-
-
-def eval_json_miou(obj: Mapping | None) -> float | None:
-    """mIoU (percent) from an evaluation.py summary: ``best_miou`` (cam sweep) or the single ``miou``."""
-    if not obj:
-        return None
-    if obj.get("best_miou") is not None:
-        return float(obj["best_miou"])
-    m = obj.get("miou")
-    if isinstance(m, (list, tuple)):
-        return float(max(m)) if m else None
-    return float(m) if m is not None else None
-
-
-def confusion_iou(obj: Mapping | None) -> list[float] | None:
-    """Per-class IoU (percent, stage-one formula via :func:`tools.metrics.iou_from_confusion`) from the
-    ``confusion_matrix`` of a summary JSON (BECO's test.py writes one), or None."""
-    if not obj or obj.get("confusion_matrix") is None:
-        return None
-    hist = np.asarray(obj["confusion_matrix"], dtype=np.int64)
-    if hist.shape != (NUM_CLASSES, NUM_CLASSES):
+    hist = np.asarray(rec["confusion_matrix"], dtype=np.int64)
+    if hist.shape != (num_classes, num_classes):
         return None
     return [float(v) * 100 for v in iou_from_confusion(hist)]
-
-
-def eval_json_iou(obj: Mapping | None) -> list[float] | None:
-    """Per-class IoU (percent, 21 values) at the best threshold / the single pass of an evaluation.py summary."""
-    if not obj:
-        return None
-    if obj.get("iou_at_best") is not None:
-        return [float(v) for v in obj["iou_at_best"]]
-    if obj.get("confusion_matrix") is not None:
-        return confusion_iou(obj)
-    iou = obj.get("iou")
-    if isinstance(iou, list) and iou:
-        row = iou[0] if isinstance(iou[0], list) else iou
-        return [float(v) for v in row]
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,22 +78,25 @@ def centre_box_prediction(shape: tuple[int, int], classes: Sequence[int], area: 
 
 def trivial_baselines(ids: Sequence[str], gt_dir: os.PathLike | str,
                       cls_labels: Mapping[str, np.ndarray] | None,
-                      areas: Sequence[float] = (0.25, 0.5, 0.75)) -> dict[str, float]:
-    """mIoU (percent, over all 21 classes like the stage-one evaluation) of trivial predictions:
+                      areas: Sequence[float] = (0.25, 0.5, 0.75),
+                      dataset: DatasetInfo | str = VOC12) -> dict[str, float]:
+    """mIoU (percent, over all C+1 classes like the stage-one evaluation) of trivial predictions:
     ``all_background`` and ``centre_box`` (the image-level labels painted into a centred box; the best
     of ``areas`` is kept, so this baseline is even tuned on the ground truth).
     """
-    hists = {"all_background": np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)}
-    box_hists = {a: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for a in areas}
+    ds = get_dataset(dataset)
+    n = ds.num_classes
+    hists = {"all_background": np.zeros((n, n), np.int64)}
+    box_hists = {a: np.zeros((n, n), np.int64) for a in areas}
     for img_id in ids:
-        gt = read_gt_png(Path(gt_dir) / f"{img_id}.png")
-        hists["all_background"] += confusion_matrix(np.zeros_like(gt), gt, NUM_CLASSES)
+        gt = read_gt_png(ds.gt_path(gt_dir, img_id), n)
+        hists["all_background"] += confusion_matrix(np.zeros_like(gt), gt, n)
         if cls_labels is not None and img_id in cls_labels:
             classes = [int(k) + 1 for k in np.nonzero(np.asarray(cls_labels[img_id]) > 1e-5)[0]]
         else:  # no image labels: take the classes of the gt (what the image labels are made from)
-            classes = [int(c) for c in np.unique(gt) if 0 < c < NUM_CLASSES]
+            classes = [int(c) for c in np.unique(gt) if 0 < c < n]
         for a in areas:
-            box_hists[a] += confusion_matrix(centre_box_prediction(gt.shape, classes, a), gt, NUM_CLASSES)
+            box_hists[a] += confusion_matrix(centre_box_prediction(gt.shape, classes, a), gt, n)
     out = {"all_background": float(iou_from_confusion(hists["all_background"]).mean() * 100)}
     if areas:
         best = max(areas, key=lambda a: iou_from_confusion(box_hists[a]).mean())
@@ -256,17 +213,17 @@ def plot_stage_bars(rows: Sequence[StageRow], path: os.PathLike | str) -> bool:
 
 
 def plot_threshold_curve(cam_eval: Mapping | None, path: os.PathLike | str) -> bool:
-    """CAM-seed mIoU vs background threshold (evaluation.py --task cam summary)."""
+    """CAM-seed mIoU vs background threshold (evaluation.py --task cam metrics record)."""
     plt = _pyplot()
-    if plt is None or not cam_eval or not cam_eval.get("thresholds") or not cam_eval.get("miou"):
+    if plt is None or not cam_eval or not cam_eval.get("thresholds") or not cam_eval.get("miou_by_threshold"):
         return False
-    th, miou = cam_eval["thresholds"], cam_eval["miou"]
+    th, miou = cam_eval["thresholds"], cam_eval["miou_by_threshold"]
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot(th, miou, marker="o", ms=3)
     if cam_eval.get("best_th") is not None:
         ax.axvline(cam_eval["best_th"], color="#c44e52", ls="--", lw=1)
-        ax.annotate(f"best {cam_eval['best_miou']:.2f}% at {cam_eval['best_th']:.2f}",
-                    (cam_eval["best_th"], cam_eval["best_miou"]), textcoords="offset points",
+        ax.annotate(f"best {cam_eval['miou']:.2f}% at {cam_eval['best_th']:.2f}",
+                    (cam_eval["best_th"], cam_eval["miou"]), textcoords="offset points",
                     xytext=(5, -12), fontsize=8)
     ax.set_xlabel("background threshold")
     ax.set_ylabel("mIoU (%)")
@@ -277,19 +234,21 @@ def plot_threshold_curve(cam_eval: Mapping | None, path: os.PathLike | str) -> b
     return True
 
 
-def plot_per_class(series: Mapping[str, Sequence[float]], path: os.PathLike | str) -> bool:
-    """Grouped bars: per-class IoU (percent) of each named series (21 values, background first)."""
+def plot_per_class(series: Mapping[str, Sequence[float]], path: os.PathLike | str,
+                   names: Sequence[str] = VOC12.names_bg) -> bool:
+    """Grouped bars: per-class IoU (percent) of each named series (one value per class of ``names``,
+    background first)."""
     plt = _pyplot()
-    series = {k: v for k, v in series.items() if v is not None and len(v) == NUM_CLASSES}
+    series = {k: v for k, v in series.items() if v is not None and len(v) == len(names)}
     if plt is None or not series:
         return False
     fig, ax = plt.subplots(figsize=(12, 3.8))
     n = len(series)
     width = 0.8 / n
-    x = np.arange(NUM_CLASSES)
+    x = np.arange(len(names))
     for i, (name, vals) in enumerate(series.items()):
         ax.bar(x - 0.4 + width * (i + 0.5), vals, width=width, label=name)
-    ax.set_xticks(x, CAT_NAMES_BG, rotation=60, ha="right", fontsize=8)
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8 if len(names) <= 32 else 5)
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, ncol=n)
@@ -299,26 +258,27 @@ def plot_per_class(series: Mapping[str, Sequence[float]], path: os.PathLike | st
     return True
 
 
-def colorize(label: np.ndarray) -> np.ndarray:
-    """Label map (H,W) -> RGB with the VOC palette (255 = the light void colour)."""
-    return voc_palette()[np.asarray(label, dtype=np.uint8)]
+def colorize(label: np.ndarray, dataset: DatasetInfo | str = VOC12) -> np.ndarray:
+    """Label map (H,W) -> RGB with the dataset's palette (VOC's; 255 = the light void colour)."""
+    return get_dataset(dataset).palette()[np.asarray(label, dtype=np.uint8)]
 
 
-def blend(img: np.ndarray, label: np.ndarray, alpha: float = 0.65) -> np.ndarray:
+def blend(img: np.ndarray, label: np.ndarray, alpha: float = 0.65, dataset: DatasetInfo | str = VOC12) -> np.ndarray:
     """Palette colours over the image; background (0) pixels keep the image."""
-    col = colorize(label).astype(np.float32)
+    col = colorize(label, dataset).astype(np.float32)
     out = img.astype(np.float32).copy()
     fg = (label > 0)
     out[fg] = (1 - alpha) * out[fg] + alpha * col[fg]
     return out.clip(0, 255).astype(np.uint8)
 
 
-def cam_seed_label(cam_dict_path: os.PathLike | str, shape: tuple[int, int], threshold: float) -> np.ndarray:
+def cam_seed_label(cam_dict_path: os.PathLike | str, shape: tuple[int, int], threshold: float,
+                   num_fg: int = VOC12.num_fg) -> np.ndarray:
     """The CAM seed at ``threshold`` (evaluation.py's rule: a class wins where its CAM exceeds the
     threshold and every other class)."""
-    from models.seed_eval import cam_winner, load_dict
+    from tools.seed_eval import cam_winner, load_dict
 
-    m, f = cam_winner(load_dict(cam_dict_path), shape, cam_dict_path)
+    m, f = cam_winner(load_dict(cam_dict_path), shape, cam_dict_path, num_fg=num_fg)
     return np.where(m > np.float32(threshold), f, 0).astype(np.uint8)
 
 
@@ -332,47 +292,52 @@ class GridColumn:
     suffix: str = ".png"
 
 
-def _cell(col: GridColumn, img_id: str, img: np.ndarray, cam_threshold: float | None) -> np.ndarray | None:
+def _cell(col: GridColumn, img_id: str, img: np.ndarray, cam_threshold: float | None,
+          ds: DatasetInfo = VOC12) -> np.ndarray | None:
     try:
         if col.kind == "image":
             return img
         if col.folder is None:
             return None
-        p = Path(col.folder) / f"{img_id}{col.suffix}"
+        # ground truth follows the dataset's layout (COCO: a split subfolder); stage outputs are flat
+        p = ds.gt_path(col.folder, img_id) if col.kind == "gt" else Path(col.folder) / f"{img_id}{col.suffix}"
         if not p.is_file():
             return None
         if col.kind == "cam":
-            return blend(img, cam_seed_label(p, img.shape[:2], cam_threshold if cam_threshold is not None else 0.15))
+            return blend(img, cam_seed_label(p, img.shape[:2], cam_threshold if cam_threshold is not None else 0.15,
+                                             ds.num_fg), ds)
         if col.kind == "mask":
             m = np.asarray(read_rgb(p))[..., 0] > 127
             return np.where(m[..., None], img, (img * 0.25).astype(np.uint8))
-        lab = read_gt_png(p) if col.kind == "gt" else read_label_png(p)
+        lab = read_gt_png(p, ds.num_classes) if col.kind == "gt" else read_label_png(p)
         if lab.shape != img.shape[:2]:
             return None
-        return colorize(lab) if col.kind == "gt" else blend(img, lab)
+        return colorize(lab, ds) if col.kind == "gt" else blend(img, lab, dataset=ds)
     except Exception:  # a broken file must not stop the report; the cell stays empty
         return None
 
 
 def plot_examples(rows: Sequence[tuple[str, str]], image_dir: os.PathLike | str,
                   columns: Sequence[GridColumn], path: os.PathLike | str,
-                  cam_threshold: float | None = None) -> bool:
+                  cam_threshold: float | None = None, dataset: DatasetInfo | str = VOC12) -> bool:
     """A grid: one row per ``(split, id)``, one column per :class:`GridColumn` ("—" where a stage did
-    not produce that image, e.g. no BECO prediction for a training image)."""
+    not produce that image, e.g. no BECO prediction for a training image). ``image_dir``: the
+    dataset's image folder (VOC ``<root>/JPEGImages``)."""
+    ds = get_dataset(dataset)
     plt = _pyplot()
     if plt is None or not rows:
         return False
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.1 * len(columns), 2.0 * len(rows)), squeeze=False)
     for i, (split, img_id) in enumerate(rows):
         try:
-            img = read_rgb(Path(image_dir) / f"{img_id}.jpg")
+            img = read_rgb(Path(image_dir) / ds.subfolder(img_id) / f"{img_id}{ds.image_ext}")
         except Exception:
             img = None
         for j, col in enumerate(columns):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
-            cell = None if img is None else _cell(col, img_id, img, cam_threshold)
+            cell = None if img is None else _cell(col, img_id, img, cam_threshold, ds)
             if cell is None:
                 ax.text(0.5, 0.5, "—", ha="center", va="center", fontsize=14, color="#888888")
             else:
@@ -406,6 +371,7 @@ class ReportInputs:
     commands: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     preset: str = ""
+    dataset: str = VOC12.name
 
 
 def write_report(inp: ReportInputs) -> Path:
@@ -413,28 +379,29 @@ def write_report(inp: ReportInputs) -> Path:
     exp = Path(inp.exp_dir)
     fig_dir = exp / "report"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    ds = get_dataset(inp.dataset)
     md = [f"# Pipeline report: `{inp.name}`" + (f" (preset `{inp.preset}`)" if inp.preset else ""), ""]
     md += ["## Stages", "", markdown_table(inp.rows)]
-    md += ["mIoU: the mean over all 21 classes (evaluation.py's definition) for every stage, computed for BECO "
+    md += [f"mIoU: the mean over all {ds.num_classes} classes (evaluation.py's definition) for every stage, computed for BECO "
            "from test.py's confusion matrix; test.py's own figure (classes present in the ground truth) is in the "
            "metric's note where it differs. Trivial baseline: the better of all-background and the image labels "
            "painted into a centred box.", ""]
     if plot_stage_bars(inp.rows, fig_dir / "stages.png"):
         md += ["![mIoU per stage](report/stages.png)", ""]
-    cam = read_json(inp.cam_eval_json)
+    cam = read_metrics(inp.cam_eval_json) if inp.cam_eval_json else None
     if plot_threshold_curve(cam, fig_dir / "threshold_curve.png"):
         md += ["## CAM seeds: threshold sweep", "", "![threshold curve](report/threshold_curve.png)", ""]
-    series = {k: eval_json_iou(read_json(p)) for k, p in inp.per_class_jsons.items()}
-    if plot_per_class(series, fig_dir / "per_class_iou.png"):
+    series = {k: record_iou(read_metrics(p), ds.num_classes) for k, p in inp.per_class_jsons.items()}
+    if plot_per_class(series, fig_dir / "per_class_iou.png", ds.names_bg):
         md += ["## Per-class IoU", "", "![per-class IoU](report/per_class_iou.png)", ""]
         present = {k: v for k, v in series.items() if v}
         md += ["| class | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
-        for c, cname in enumerate(CAT_NAMES_BG):
+        for c, cname in enumerate(ds.names_bg):
             md.append(f"| {cname} | " + " | ".join(f"{v[c]:.1f}" for v in present.values()) + " |")
         md.append("")
     th = cam.get("best_th") if cam else None
-    if inp.example_ids and plot_examples(inp.example_ids, Path(inp.data_root) / "JPEGImages", inp.columns,
-                                         fig_dir / "examples.png", th):
+    if inp.example_ids and plot_examples(inp.example_ids, Path(inp.data_root) / ds.image_folder, inp.columns,
+                                         fig_dir / "examples.png", th, ds):
         md += ["## Examples", "", "Columns: " + ", ".join(c.title for c in inp.columns) +
                (f" (CAM seeds at the best threshold {th:.2f})" if th is not None else "") + ".", "",
                "![examples](report/examples.png)", ""]

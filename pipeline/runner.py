@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tools.errors import WSSSError
+from tools.errors import EXIT_INTERRUPTED, INTERRUPTED_MESSAGE, WSSSError
 from tools.io import atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +122,16 @@ class StepResult:
 
 class _Terminated(KeyboardInterrupt):  # handled like Ctrl-C by callers
     pass
+
+
+class StepInterrupted(KeyboardInterrupt):
+    """The pipeline stopped while ``step`` ran (Ctrl-C, SIGTERM/SIGHUP to the runner, or the step itself
+    exiting as interrupted); ``step_said`` is True when the step's own ``interrupted: ...`` line
+    (tools.errors.INTERRUPTED_MESSAGE) was already echoed, so the caller need not print another."""
+
+    def __init__(self, step: str, step_said: bool = False) -> None:
+        super().__init__(step)
+        self.step, self.step_said = step, step_said
 
 
 def _on_sigterm(signum, frame):  # turn SIGTERM/SIGHUP into an exception so the child is cleaned up
@@ -462,6 +472,21 @@ def decide(step: Step, record_dir: Path, root: Path, upstream: dict, overwrite: 
     return Decision(True, False, "not run yet")
 
 
+def planned_decisions(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT,
+                      overwrite: bool = False) -> list[Decision]:
+    """What :func:`run_steps` will do with each of ``steps``, decided before any of them runs: the
+    :func:`decide` rule, where a step that will run counts as redone for every step that reads it."""
+    will_run: set[str] = set()
+    out = []
+    for idx, step in enumerate(steps):
+        upstream = upstream_digests(upstream_of(steps, idx), record_dir, will_run)
+        d = decide(step, record_dir, root, upstream, overwrite)
+        if d.run:
+            will_run.add(step.name)
+        out.append(d)
+    return out
+
+
 def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, overwrite: bool = False,
               dry_run: bool = False, env: dict | None = None, echo: bool = True,
               printer: Callable[[str], None] = print) -> list[StepResult]:
@@ -473,19 +498,18 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
     and every step after it that reads it is redone too. ``dry_run`` only prints what would run.
     """
     results: list[StepResult] = []
-    will_run: set[str] = set()
+    planned = planned_decisions(steps, record_dir, root, overwrite) if dry_run else []
     for idx, step in enumerate(steps):
         key = step.display(step.argv)  # records are matched without the --resume/--overwrite extras
         record_path = record_dir / f"{step.name}.json"
         log_path = record_dir / f"{step.name}.log"
         record = _read_record(record_path)
-        upstream = upstream_digests(upstream_of(steps, idx), record_dir, will_run if dry_run else set())
-        decision = decide(step, record_dir, root, upstream, overwrite)
+        upstream = upstream_digests(upstream_of(steps, idx), record_dir)
+        decision = planned[idx] if dry_run else decide(step, record_dir, root, upstream, overwrite)
         argv = step.command(decision.redo, root)
         shown = step.display(argv)
         if dry_run:
             if decision.run:
-                will_run.add(step.name)
                 printer(f"# {step.name}: {decision.reason}\n$ {shown}")
             else:
                 printer(f"[skip] {step.name}: {decision.reason}")
@@ -523,16 +547,20 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
         try:
             rc, text = run_command(argv, root / step.cwd, log_path, {**(env or {}), **step.env}, echo,
                                    heartbeat=clock.beat)
-        except BaseException:
+        except BaseException as e:
             # interrupted: keep the time spent so the finished step reports its whole wall time
             clock.save(running=False)
             new_dirs.remove_empty(printer)
+            if isinstance(e, KeyboardInterrupt) and not isinstance(e, StepInterrupted):
+                raise StepInterrupted(step.name) from e
             raise
         seconds = time.perf_counter() - t0 + before
         cpu = _children_cpu() - c0  # CPU time of the step's processes: its cost on a quiet machine
         if rc != 0:
             clock.save(running=False)
             new_dirs.remove_empty(printer)
+            if rc in (EXIT_INTERRUPTED, -signal.SIGINT):  # the step was interrupted, not broken
+                raise StepInterrupted(step.name, echo and INTERRUPTED_MESSAGE in text)
             raise StepFailed(f"step '{step.name}' failed with exit code {rc} after {seconds:.1f} s: {shown}\n"
                              f"Its output is in {log_path}. Fix the cause and rerun: finished steps are skipped.")
         still = step.missing_outputs(root)
@@ -592,20 +620,22 @@ def _read_record(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def check_requirements(steps: Sequence[Step], root: Path = REPO_ROOT, overwrite: bool = False) -> None:
+def check_requirements(steps: Sequence[Step], root: Path = REPO_ROOT, overwrite: bool = False, *,
+                       record_dir: Path) -> None:
     """Raise ONE :class:`tools.errors.MissingFileError` naming every missing external input of
     ``steps`` (each with where to get it) before any of them runs.
 
-    A step whose outputs all exist is skipped by :func:`run_steps` and needs nothing (unless
-    ``overwrite``); an input inside an output of an earlier step of ``steps`` is not checked, since
-    that step makes it.
+    Only the steps that :func:`run_steps` will run with the records in ``record_dir`` (the same
+    :func:`decide` rule, see :func:`planned_decisions`) are checked: a skipped step needs nothing, a
+    step redone because its record changed does. An input inside an output of an earlier step of
+    ``steps`` is not checked, since that step makes it.
     """
     from tools.errors import require_all
 
     made: list[str] = []
     needs: list[tuple] = []
-    for step in steps:
-        if overwrite or not step.outputs or step.missing_outputs(root):
+    for step, decision in zip(steps, planned_decisions(steps, record_dir, root, overwrite)):
+        if decision.run:
             for req in step.requires:
                 kind = req[3] if len(req) > 3 else "file"
                 alts = list(req[0]) if isinstance(req[0], (list, tuple)) else [req[0]]

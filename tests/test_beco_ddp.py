@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from segmentation.beco.deeplabv2 import build_deeplabv2
 from segmentation.beco.model import BECO, BECOSettings
-from segmentation.main import build_optimizer, train_step, wrap_ddp
+from segmentation.beco.engine import build_optimizer, train_step, wrap_ddp
 
 
 def _freeze_bn(module: torch.nn.Module) -> None:

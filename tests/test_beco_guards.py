@@ -19,6 +19,7 @@ import torch
 from segmentation.beco.deeplabv2 import ResNetBackbone, build_deeplabv2, check_imagenet_file, load_imagenet_backbone
 from segmentation.beco.model import BECO, BECOSettings, beco_losses, check_batch
 from tools.errors import DataError
+from conftest import cli_module
 from test_segmentation_cli import _flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_train_step_at_crop_256_in_a_subprocess():
 import torch
 from segmentation.beco.deeplabv2 import build_deeplabv2
 from segmentation.beco.model import BECO, BECOSettings
-from segmentation.main import build_optimizer, train_step
+from segmentation.beco.engine import build_optimizer, train_step
 torch.manual_seed(0)
 nets = [build_deeplabv2(backbone="resnet18", width=8) for _ in range(2)]
 model = BECO(nets[0], nets[1], BECOSettings(warm_up=0, mix_prob=1.0))
@@ -129,7 +130,7 @@ def test_imagenet_file_sha256_check_warns_once(tmp_path, capsys, monkeypatch):
     (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
 ])
 def test_bad_values_fail_at_parse_time(argv, msg, capsys):
-    from segmentation.main import parse_args
+    from segmentation.beco.config import parse_args
 
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
@@ -138,7 +139,7 @@ def test_bad_values_fail_at_parse_time(argv, msg, capsys):
 
 
 def test_bad_config_file_value_fails_like_a_flag(tmp_path, capsys):
-    from segmentation.main import parse_args
+    from segmentation.beco.config import parse_args
 
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"loader": {"batch_size": 0}, "model": {"highres_t": 0.9}}))
@@ -157,9 +158,9 @@ def _toy_flags(root: Path, logs: Path, tag: str) -> list[str]:
 
 
 def _main(argv: list[str], capsys) -> tuple[int, str]:
-    from segmentation.main import main
+    from segmentation.beco.engine import cli_main
 
-    rc = main(argv)
+    rc = cli_main(argv)
     return rc, capsys.readouterr().err
 
 
@@ -231,11 +232,7 @@ def test_pipeline_passes_resume_and_overwrite(tmp_path):
 
 
 def test_test_py_names_a_truncated_logits_file(toy_voc, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("beco_test_py", SEG / "test.py")
-    test_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(test_py)
+    test_py = cli_module("segmentation/test.py")
     ids = (toy_voc / "ImageSets/Segmentation/val.txt").read_text().split()
     logits = tmp_path / "logits_msc"
     logits.mkdir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli_module
 from tools import cli
 from tools.errors import INTERRUPTED_MESSAGE, MissingFileError, WSSSError, require_all, run_cli
 
@@ -47,7 +48,7 @@ def _lists(tmp: Path) -> tuple[Path, Path]:
 
 
 def setup_train(tmp: Path):
-    import train
+    train = cli_module("train.py")
 
     voc = _voc(tmp)
     lst, cls = _lists(tmp)
@@ -57,7 +58,7 @@ def setup_train(tmp: Path):
 
 
 def setup_infer(tmp: Path):
-    import infer
+    infer = cli_module("infer.py")
 
     voc = _voc(tmp)
     lst, cls = _lists(tmp)
@@ -70,7 +71,7 @@ def setup_infer(tmp: Path):
 
 
 def setup_evaluation(tmp: Path):
-    import evaluation
+    evaluation = cli_module("evaluation.py")
     from tools.imutils import write_label_png
 
     lst, _ = _lists(tmp)
@@ -93,7 +94,7 @@ def _irn_outputs(tmp: Path) -> list[str]:
 
 
 def setup_run_sample(tmp: Path):
-    from irn import run_sample
+    run_sample = cli_module("irn/run_sample.py")
 
     argv = ["--log_name", str(tmp / "log"), "--make_cam_pass", "false", "--cam_to_ir_label_pass", "false",
             "--train_irn_pass", "false", "--make_sem_seg_pass", "false"] + _irn_outputs(tmp)
@@ -103,7 +104,7 @@ def setup_run_sample(tmp: Path):
 def setup_gen_mask(tmp: Path):
     import torch
 
-    from irn import gen_mask
+    gen_mask = cli_module("irn/gen_mask.py")
     from irn.steps import gen_mask as step
 
     score = tmp / "score"
@@ -115,7 +116,7 @@ def setup_gen_mask(tmp: Path):
 
 
 def setup_seg_test(tmp: Path):
-    from segmentation import test as seg_test
+    seg_test = cli_module("segmentation/test.py")
     from tools.imutils import write_label_png
 
     voc = _voc(tmp)
@@ -133,7 +134,7 @@ def setup_seg_test(tmp: Path):
 
 
 def setup_pipeline(tmp: Path):
-    import run_pipeline
+    run_pipeline = cli_module("run_pipeline.py")
 
     argv = ["--preset", "toy", "--size", "tiny", "--name", "cli_errors_test", "--to", "data", "--quiet"]
     return run_pipeline.main, argv, (run_pipeline, "run_steps"), None
@@ -279,11 +280,12 @@ def test_ctrl_c_reaches_forked_workers_but_only_the_parent_reports(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def _parsers():
-    import evaluation
-    import infer
-    import run_pipeline
-    import train
-    from irn import gen_mask, run_sample
+    evaluation = cli_module("evaluation.py")
+    infer = cli_module("infer.py")
+    run_pipeline = cli_module("run_pipeline.py")
+    train = cli_module("train.py")
+    gen_mask = cli_module("irn/gen_mask.py")
+    run_sample = cli_module("irn/run_sample.py")
 
     return {"train": (train.build_parser(), ["--name", "n"]),
             "infer": (infer.build_parser(), ["--name", "n", "--load_epo", "31"]),
@@ -393,7 +395,7 @@ def _irn_inputs(tmp: Path, monkeypatch) -> list[str]:
 
 def test_run_sample_lists_all_missing_files_before_any_step(tmp_path, monkeypatch, capsys):
     pytest.importorskip("pydensecrf")
-    from irn import run_sample
+    run_sample = cli_module("irn/run_sample.py")
     from irn.steps import make_cam
 
     ran = []
@@ -410,7 +412,7 @@ def test_run_sample_lists_all_missing_files_before_any_step(tmp_path, monkeypatc
 
 
 def test_run_sample_checks_only_what_no_earlier_step_makes(tmp_path, monkeypatch, capsys):
-    from irn import run_sample
+    run_sample = cli_module("irn/run_sample.py")
 
     argv = _irn_inputs(tmp_path, monkeypatch) + ["--make_cam_pass", "false", "--cam_to_ir_label_pass", "false",
                                                  "--train_irn_pass", "false"]
@@ -423,7 +425,7 @@ def test_run_sample_checks_only_what_no_earlier_step_makes(tmp_path, monkeypatch
 
 
 def test_run_sample_unsupported_step_is_a_one_line_error(tmp_path, capsys):
-    from irn import run_sample
+    run_sample = cli_module("irn/run_sample.py")
 
     assert run_sample.main(["--train_cam_pass", "true", "--log_name", str(tmp_path / "log")]) == 2
     lines = _lines(capsys.readouterr().err)
@@ -431,7 +433,7 @@ def test_run_sample_unsupported_step_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_run_sample_script_missing_inputs_no_traceback(tmp_path, monkeypatch):
-    """The seed command as a process: one stderr line, exit 2."""
+    """The authors' README command as a process: one stderr line, exit 2."""
     argv = _irn_inputs(tmp_path, monkeypatch)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "run_sample.py", *argv], cwd=ROOT / "irn", env=env, capture_output=True,
@@ -441,7 +443,7 @@ def test_run_sample_script_missing_inputs_no_traceback(tmp_path, monkeypatch):
 
 
 def test_gen_mask_missing_score_dir_is_one_line(tmp_path, capsys):
-    from irn import gen_mask
+    gen_mask = cli_module("irn/gen_mask.py")
 
     assert gen_mask.main(["--score_dir", str(tmp_path / "nope"), "--mask_out_dir", str(tmp_path / "m")]) == 2
     lines = _lines(capsys.readouterr().err)
@@ -450,9 +452,9 @@ def test_gen_mask_missing_score_dir_is_one_line(tmp_path, capsys):
 
 
 def test_train_infer_evaluation_list_all_missing_inputs(tmp_path, capsys):
-    import evaluation
-    import infer
-    import train
+    evaluation = cli_module("evaluation.py")
+    infer = cli_module("infer.py")
+    train = cli_module("train.py")
 
     t = tmp_path
     assert train.main(["--name", "n", "--exp_root", str(t / "exp"), "--data_root", str(t / "voc"),
@@ -481,24 +483,27 @@ def test_pipeline_checks_external_inputs_first(tmp_path, monkeypatch):
     steps = [Step("a", "s", ["true"], outputs=["made/x.pth", PerIdOutputs("made/dir", "l.txt", ".npy")]),
              Step("b", "s", ["true"], outputs=["b.out"],
                   requires=[("made/x.pth", "x", "h"), ("made/dir/1.npy", "y", "h"), ("ext/y.pth", "Y weights", "hy")]),
-             Step("c", "s", ["true"], outputs=["done.txt"], requires=[("ext/z.pth", "Z weights", "hz")])]
+             Step("c", "s", ["true"], outputs=["done.txt"], requires=[("ext/z.pth", "Z weights", "hz")], needs=[])]
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (rec / "c.json").write_text(json.dumps({"command": "true", "upstream": {}}))  # c finished, same command
     with pytest.raises(MissingFileError) as e:
-        check_requirements(steps, tmp_path)
+        check_requirements(steps, tmp_path, record_dir=rec)
     assert "Y weights" in str(e.value) and "made/" not in str(e.value) and "Z weights" not in str(e.value)
     with pytest.raises(MissingFileError, match="Z weights"):
-        check_requirements(steps[2:], tmp_path, overwrite=True)
+        check_requirements(steps[2:], tmp_path, overwrite=True, record_dir=rec)
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     voc = build_steps(default_config("voc", data_root="no_voc_here"))
     with pytest.raises(MissingFileError) as e:
-        check_requirements(voc, tmp_path)
+        check_requirements(voc, tmp_path, record_dir=tmp_path / "rec")
     msg = str(e.value)
     for s in ("no_voc_here/JPEGImages", "ilsvrc-cls_rna-a1_cls1000_ep-0001.params", "resnet50-19c8e357.pth",
               "resnet-101_v2.pth"):
         assert s in msg
     assert "voc12/train_aug.txt" not in msg  # made by the prepare step
     if "pydensecrf" in sys.modules or _has_crf():
-        check_requirements(build_steps(default_config("toy")), tmp_path)  # toy: nothing external
+        check_requirements(build_steps(default_config("toy")), tmp_path, record_dir=tmp_path / "rec")  # toy: nothing external
 
 
 def _has_crf() -> bool:
@@ -508,7 +513,7 @@ def _has_crf() -> bool:
 
 
 def test_run_pipeline_voc_missing_data_is_one_line_before_any_step(in_tmp, monkeypatch, capsys):
-    import run_pipeline
+    run_pipeline = cli_module("run_pipeline.py")
 
     ran = []
     monkeypatch.setattr(run_pipeline, "run_steps", lambda *a, **k: ran.append(1))

@@ -1,4 +1,4 @@
-"""evaluation.py / models.seed_eval: the reference CAM-seed sweep (eval_cam fixture through the CLI),
+"""evaluation.py / tools.seed_eval: the reference CAM-seed sweep (eval_cam fixture through the CLI),
 the one-pass sweep against a per-threshold brute force, the single-pass tasks and clear errors."""
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_path
-from models import seed_eval
-from models.seed_eval import (REFERENCE_THRESHOLDS, SweepResult, cam_counts_for_image, evaluate,
+from conftest import cli_module, shared_path
+from tools import seed_eval
+from tools.seed_eval import (REFERENCE_THRESHOLDS, SweepResult, cam_counts_for_image, evaluate,
                               sweep_confusions, thresholds_f32)
 from tools.imutils import write_label_png
-from tools.metrics import confusion_matrix
+from tools.metrics import MIOU_DEFINITIONS, confusion_matrix
 
-import evaluation
+evaluation = cli_module("evaluation.py")
 
 
 def _eval_fixture():
@@ -51,7 +51,7 @@ def _brute_hist(cam_dict, gt, t):
 
 def test_eval_cam_cli_matches_reference(tmp_path, monkeypatch, capsys):
     npz, js = _eval_fixture()
-    _write_fixture_tree(tmp_path, npz)
+    names = _write_fixture_tree(tmp_path, npz)
     monkeypatch.chdir(tmp_path)
     rc = evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--workers", "2", "--no_progress"])
     assert rc == 0
@@ -59,24 +59,31 @@ def test_eval_cam_cli_matches_reference(tmp_path, monkeypatch, capsys):
     ref = js["all_six"]["cli_stdout"]
     assert out.startswith(ref), out
     extra = out[len(ref):].splitlines()
-    assert extra[0] == "best threshold: 0.220\tmIoU: 36.927%"
-    assert extra[1].startswith(" background: 83.754%\t  aeroplane: 85.047%")
-    assert extra[-1] == "       mIoU: 36.927%"
+    # the added lines: the best threshold, then the per-class table at it in the reference's table format
+    best, iou, cats = js["all_six"]["best_th"], js["all_six"]["iou_at_best"], js["categories"]
+    assert extra[0] == "best threshold: %.3f\tmIoU: %.3f%%" % (best, js["all_six"]["best_miou"])
+    assert extra[1] == "%11s:%7.3f%%\t%11s:%7.3f%%" % (cats[0], iou[0], cats[1], iou[1])
+    assert extra[-1] == "%11s:%7.3f%%" % ("mIoU", js["all_six"]["best_miou"])
     summary = json.loads((tmp_path / "experiments" / "fx" / "eval_cam.json").read_text())
     assert summary["best_th"] == pytest.approx(float(npz["best_th"]), abs=1e-12)
-    assert abs(summary["best_miou"] - float(npz["best_miou"])) < 1e-9
-    np.testing.assert_allclose(summary["miou"], npz["miou"], rtol=0, atol=1e-9)
-    np.testing.assert_allclose(summary["iou"], npz["iou"], rtol=0, atol=1e-9)
-    np.testing.assert_allclose(summary["iou_at_best"], js["all_six"]["iou_at_best"], rtol=0, atol=1e-9)
+    # the one metrics record (tools.metrics.metrics_record): figures at the best threshold + the sweep
+    assert summary["miou_definition"] == MIOU_DEFINITIONS["all"] and summary["n_images"] == len(names)
+    assert abs(summary["miou"] - float(npz["best_miou"])) < 1e-9 and summary["miou_all"] == pytest.approx(summary["miou"])
+    np.testing.assert_allclose(summary["miou_by_threshold"], npz["miou"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(summary["iou_by_threshold"], npz["iou"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(summary["iou"], js["all_six"]["iou_at_best"], rtol=0, atol=1e-9)
     assert (tmp_path / "experiments" / "fx" / "eval_cam.png").stat().st_size > 1000
 
 
-def test_sweep_per_case_and_eval_in_script():
+@pytest.mark.parametrize("plain", [False, True])
+def test_sweep_per_case_and_eval_in_script(plain):
     npz, js = _eval_fixture()
     th32 = thresholds_f32(REFERENCE_THRESHOLDS)
     total = 0
-    for n in range(6):
-        counts = cam_counts_for_image(_cam_dict(npz, n), npz[f"gt{n}"], th32)
+    for n in range(len(npz["names"])):
+        counts = cam_counts_for_image(_cam_dict(npz, n), npz[f"gt{n}"], th32, plain=plain)
+        other = cam_counts_for_image(_cam_dict(npz, n), npz[f"gt{n}"], th32, plain=not plain)
+        np.testing.assert_array_equal(counts, other)  # the plain sweep and the bucket table agree
         total = total + counts
         res = SweepResult("cam", [str(n)], list(REFERENCE_THRESHOLDS), sweep_confusions(counts))
         np.testing.assert_allclose(res.miou, npz["case_miou"][n], rtol=0, atol=1e-9)
@@ -98,8 +105,9 @@ def test_eval_in_script_logs_and_returns_best(tmp_path):
     assert abs(best - float(npz["best_miou"])) < 1e-9 and th == pytest.approx(0.22)
 
 
+@pytest.mark.parametrize("plain", [False, True])
 @pytest.mark.parametrize("thresholds", [REFERENCE_THRESHOLDS, (-0.05, 0.0, 0.3, 0.5)])
-def test_one_pass_sweep_equals_per_threshold_argmax(thresholds):
+def test_one_pass_sweep_equals_per_threshold_argmax(thresholds, plain):
     rng = np.random.default_rng(0)
     h, w = 23, 31
     gt = rng.integers(0, 21, (h, w)).astype(np.uint8)
@@ -110,11 +118,11 @@ def test_one_pass_sweep_equals_per_threshold_argmax(thresholds):
            7: (rng.random((h, w)) - 0.5).astype(np.float32)}
     cam[12][0, :5] = cam[3][0, :5] = 0.5
     th32 = thresholds_f32(thresholds)
-    hists = sweep_confusions(cam_counts_for_image(cam, gt, th32))
+    hists = sweep_confusions(cam_counts_for_image(cam, gt, th32, plain=plain))
     for i, t in enumerate(th32):
         np.testing.assert_array_equal(hists[i], _brute_hist(cam, gt, t))
     # an empty dict predicts background everywhere
-    empty = sweep_confusions(cam_counts_for_image({}, gt, th32))
+    empty = sweep_confusions(cam_counts_for_image({}, gt, th32, plain=plain))
     for i, t in enumerate(th32):
         np.testing.assert_array_equal(empty[i], _brute_hist({}, gt, t))
 
@@ -139,9 +147,10 @@ def test_sweep_counts_exact_on_adversarial_values(thresholds, monkeypatch):
     ref = np.bincount(((k * 21 + gt.astype(np.int64)) * 21 + f)[valid],
                       minlength=(th32.size + 1) * 441).reshape(th32.size + 1, 21, 21)
     np.testing.assert_array_equal(seed_eval.sweep_counts(m, f, gt, th32), ref)
+    np.testing.assert_array_equal(seed_eval.sweep_counts_plain(m, f, gt, th32), ref)
     # both k paths are exercised: the bucket table and the plain binary search
     assert seed_eval._k_lut(th32.tobytes()) is not None
-    monkeypatch.setattr(seed_eval, "_k_lut", lambda _b: None)
+    monkeypatch.setattr(seed_eval, "_k_lut", lambda *_a: None)
     np.testing.assert_array_equal(seed_eval.sweep_counts(m, f, gt, th32), ref)
     monkeypatch.undo()
     # maps with values 21..254 (not VOC, but possible) take the gather path; those pixels are dropped
@@ -151,7 +160,8 @@ def test_sweep_counts_exact_on_adversarial_values(thresholds, monkeypatch):
     ref_odd = np.bincount(((k * 21 + gt_odd.astype(np.int64)) * 21 + f)[valid],
                           minlength=(th32.size + 1) * 441).reshape(th32.size + 1, 21, 21)
     np.testing.assert_array_equal(seed_eval.sweep_counts(m, f, gt_odd, th32), ref_odd)
-    monkeypatch.setattr(seed_eval, "_k_lut", lambda _b: None)
+    np.testing.assert_array_equal(seed_eval.sweep_counts_plain(m, f, gt_odd, th32), ref_odd)
+    monkeypatch.setattr(seed_eval, "_k_lut", lambda *_a: None)
     np.testing.assert_array_equal(seed_eval.sweep_counts(m, f, gt_odd, th32), ref_odd)
 
 
@@ -189,8 +199,8 @@ def test_single_pass_tasks_crf_and_png(tmp_path, capsys, monkeypatch):
     assert lines[0] == f"Evaluate {png_dir} with {lst}"
     assert lines[-2] == "=" * 54 and lines[-1].startswith("       mIoU:")
     summary = json.loads((tmp_path / "experiments" / "e" / "eval_png.json").read_text())
-    assert summary["thresholds"] == [] and abs(summary["best_miou"] - ref.best_miou) < 1e-12
-    assert summary["confusion_at_best"] == hist_ref.tolist()
+    assert summary["thresholds"] == [] and abs(summary["miou"] - ref.best_miou) < 1e-12
+    assert summary["confusion_matrix"] == hist_ref.tolist()
 
 
 def test_parallel_equals_serial(tmp_path):

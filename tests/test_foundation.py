@@ -250,7 +250,7 @@ def test_temp_names_carry_the_writer_pid(tmp_path: Path) -> None:
 def test_infer_cleanup_keeps_a_live_writers_temp(tmp_path: Path) -> None:
     """A second infer.py over an overlapping list must not delete the first one's temporaries (the
     first would die in os.replace); those of a killed writer are removed."""
-    import infer
+    from models.cam_infer import remove_stale_temps
 
     target = tmp_path / "dict" / "x.npy"
     proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(root=str(ROOT), path=str(target))],
@@ -259,14 +259,14 @@ def test_infer_cleanup_keeps_a_live_writers_temp(tmp_path: Path) -> None:
         assert proc.stdout.readline().strip() == "writing"
         temps = list(target.parent.glob(".*.tmp"))
         assert len(temps) == 1 and f".{proc.pid}@" in temps[0].name
-        infer.remove_stale_temps(target.parent, {"x"})
+        remove_stale_temps(target.parent, {"x"})
         assert temps[0].exists()
     finally:
         proc.kill()
         proc.wait(timeout=30)
-    infer.remove_stale_temps(target.parent, {"y"})  # not our id: left alone
+    remove_stale_temps(target.parent, {"y"})  # not our id: left alone
     assert temps[0].exists()
-    infer.remove_stale_temps(target.parent, {"x"})
+    remove_stale_temps(target.parent, {"x"})
     assert not temps[0].exists()
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, shared_path
+from conftest import ROOT, cli_module, shared_path
 
-import infer
+infer = cli_module("infer.py")
 from models.cam import crf_dict, msf_cam, overlay_path, save_overlays
 
 SMALL_WIDTH = 0.0625
@@ -37,7 +37,7 @@ def msf_tree(tmp_path_factory):
     """A VOC-format folder with the two fixture JPEGs, their labels and a checkpoint of the generated
     weights (reference width), laid out as the reference README describes."""
     sys.path.insert(0, str(shared_path("reference")))
-    import weights  # noqa: PLC0415 - lives in ../shared/reference
+    import weights  # noqa: PLC0415 - lives in tests/fixtures/reference
 
     from tools.io import atomic_torch_save
 
@@ -46,7 +46,7 @@ def msf_tree(tmp_path_factory):
     jpg = root / "data" / "VOC2012" / "JPEGImages"
     jpg.mkdir(parents=True)
     labels, lines = {}, []
-    for n in range(2):
+    for n in range(sum(f.startswith("name") for f in npz.files)):  # the fixture's images
         name = str(npz[f"name{n}"])
         (jpg / f"{name}.jpg").write_bytes(npz[f"jpeg{n}"].tobytes())
         labels[name] = npz[f"label{n}"].astype(np.float32)
@@ -67,7 +67,7 @@ def test_msf_cam_fixture_through_cli(msf_tree, monkeypatch, capsys):
     rc = infer.main(["--name", "fx", "--model", "ktse", "--load_epo", "0", "--dict", "--infer_list",
                      "voc12/fx_list.txt", "--device", "cpu", "--workers", "0", "--no_progress"])
     assert rc == 0, capsys.readouterr().err
-    for n in range(2):
+    for n in range(sum(f.startswith("name") for f in npz.files)):  # the fixture's images
         d = _load(root / "experiments" / "fx" / "dict" / f"{npz[f'name{n}']}.npy")
         assert list(d.keys()) == [int(k) for k in npz[f"keys{n}"]]
         for k in d:
@@ -180,6 +180,25 @@ def test_overlays_and_post_processing_from_saved_dicts(small_run, monkeypatch, c
             assert Image.open(p).size == (640, 480)
 
 
+
+
+def test_library_run_without_the_command_line(small_run, tmp_path, capsys, one_thread):
+    """models.cam_infer.run takes InferSettings (what benches use) and writes what the CLI writes."""
+    from models.cam_infer import InferSettings, run
+
+    work, voc, ids, ckpt = small_run
+    common = dict(name="lib", load_epo=0, dict=True, infer_list=str(work / "six.txt"), data_root=str(voc),
+                  cls_labels=str(voc / "lists" / "cls_labels.npy"), ckpt=str(ckpt), device="cpu", workers=0,
+                  threads=1, no_progress=True, scales=[1.0])
+    stats = run(InferSettings(exp_root=str(tmp_path / "lib"), **common))
+    assert stats["inferred"] == len(ids) and stats["width"] == SMALL_WIDTH
+    argv = ["--name", "lib", "--load_epo", "0", "--dict", "--infer_list", common["infer_list"], "--data_root",
+            str(voc), "--cls_labels", common["cls_labels"], "--ckpt", str(ckpt), "--exp_root", str(tmp_path / "cli"),
+            "--device", "cpu", "--workers", "0", "--threads", "1", "--no_progress", "--scales", "1.0"]
+    assert infer.main(argv) == 0
+    for i in ids:
+        a, b = _load(tmp_path / "lib" / "lib" / "dict" / f"{i}.npy"), _load(tmp_path / "cli" / "lib" / "dict" / f"{i}.npy")
+        assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_msf_cam_batched_equals_loop_and_label_masking(one_thread):

@@ -79,7 +79,7 @@ def _bad_gt_tree(tmp_path: Path) -> Path:
 
 def test_every_gt_reader_refuses_bad_values(tmp_path: Path) -> None:
     """voc12.load_gt (IRN evaluation, BECO val/test), the seed evaluation and the pipeline baselines."""
-    from models import seed_eval
+    from tools import seed_eval
     from pipeline.report import trivial_baselines
     from voc12.data import load_gt
 

@@ -5,10 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import cli_module
 import torch
 from PIL import Image
 
-from irn import gen_mask, run_sample
+gen_mask = cli_module("irn/gen_mask.py")
+run_sample = cli_module("irn/run_sample.py")
 from voc12.data import read_id_list
 
 
@@ -51,6 +54,12 @@ def test_run_sample_and_gen_mask_toy(toy_voc, ckpt, tmp_path, capsys):
                                  "--eval_sem_seg_pass", "true")) == 0
     printed = capsys.readouterr().out
     assert "eval_sem_seg: mIoU" in printed and "eval_cam: mIoU" in printed
+    # both eval steps write the one metrics record, in percent, beside the cam folder
+    from tools.metrics import MIOU_DEFINITIONS, read_metrics
+    for step in ("eval_cam", "eval_sem_seg"):
+        rec = read_metrics(out / f"{step}.json")
+        assert rec is not None and rec["miou_definition"] == MIOU_DEFINITIONS["present"], step
+        assert f"{step}: mIoU {rec['miou'] / 100:.4f}" in printed and rec["step"] == step
     assert (out / "log.log").exists()
     ids = read_id_list(train_list)
     for i in ids:

@@ -56,3 +56,45 @@ def test_crop_image_and_label_pads_255():
     inside = ci[..., 0] == 1
     assert inside.sum() == 120 and (cl[~inside] == 255).all()
     assert set(np.unique(cl[inside])) == {0, 3}
+
+
+def test_resume_after_an_interrupted_epoch_gives_the_same_weights(toy_voc, tmp_path, monkeypatch, one_thread):
+    """train_irn stopped after its 2nd epoch and rerun with --resume ends with the very weights of an
+    uninterrupted run: the .resume state holds the RNG states and the loader's shuffling generator."""
+    import shutil
+
+    from irn.data import AffinityDataset
+    from irn.steps import train_irn
+
+    ir = tmp_path / "ir_label"  # the toy ground truth stands in for IR labels
+    shutil.copytree(toy_voc / "SegmentationClass", ir)
+    ids = toy_voc / "lists" / "train.txt"
+
+    def args(out):
+        return Namespace(irn_weights_name=str(out), train_list=str(ids), infer_list=str(ids),
+                         voc12_root=str(toy_voc), ir_label_out_dir=str(ir), irn_crop_size=96, irn_batch_size=2,
+                         irn_num_epoches=3, irn_learning_rate=0.1, irn_weight_decay=1e-4, irn_fix_momentum=False,
+                         irn_backbone_width=8, irn_backbone_init="none", seed=0, device="cpu", num_workers=0,
+                         quiet=True, resume=True, overwrite=False)
+
+    full = tmp_path / "full" / "res50_irn.pth"
+    full.parent.mkdir()
+    train_irn.run(args(full))
+
+    cut = tmp_path / "cut" / "res50_irn.pth"
+    cut.parent.mkdir()
+    real_set_epoch = AffinityDataset.set_epoch
+
+    def stop_at_2(self, ep):
+        if ep == 2:
+            raise KeyboardInterrupt
+        real_set_epoch(self, ep)
+
+    monkeypatch.setattr(AffinityDataset, "set_epoch", stop_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_irn.run(args(cut))
+    monkeypatch.setattr(AffinityDataset, "set_epoch", real_set_epoch)
+    assert cut.with_name(cut.name + ".resume").is_file() and not cut.exists()
+    train_irn.run(args(cut))
+    a, b = torch.load(full, weights_only=True), torch.load(cut, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import cli_module, shared_path
 from models import ktse
 from models.resnet38d import Net_gpp
 
@@ -125,7 +125,8 @@ def test_optimizer_groups_and_schedule() -> None:
     ref = json.loads(shared_path("reference", "stage1", "optimizer.json").read_text())
     net = Net_gpp(width=0.0625)
     names = {id(p): n for n, p in net.named_parameters()}
-    opt = ktse.build_optimizer(net, lr=0.01, wd=5e-4, max_step=ref["max_step_default"])
+    base = ref["groups"][0]  # the 1x group: the base learning rate and weight decay of the run
+    opt = ktse.build_optimizer(net, lr=base["initial_lr"], wd=base["weight_decay"], max_step=ref["max_step_default"])
     for g, r in zip(opt.param_groups, ref["groups"]):
         assert [names[id(p)] for p in g["params"]] == r["param_names"]
         for k in ("lr", "initial_lr", "weight_decay", "momentum", "dampening", "nesterov"):
@@ -223,7 +224,7 @@ def test_default_objective_is_ktse_plus_als_and_zero_weights_give_plain_ktse() -
     and --als_cross 0 --als_bg 0 gives the released objective. The defaults are the ones the docs state."""
     import re
 
-    import train
+    train = cli_module("train.py")
 
     args = train.build_parser().parse_args(["--name", "x"])
     assert (args.als_cross, args.als_bg) == (1.0, 0.1)

@@ -1,5 +1,5 @@
 """MXNet NDArray list reader (models/mxnet_params.py): every real file in
-../shared/realdata/mxnet, a synthetic ResNet-38 file written by a tiny writer below, and the
+realdata/mxnet of the optional shared/ folder beside the clone, a synthetic ResNet-38 file written by a tiny writer below, and the
 errors for missing, truncated and foreign files."""
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def _synthetic_resnet38(tmp_path: Path, drop=(), add=()) -> tuple[Path, dict[str
 # the real files
 
 
-@pytest.mark.skipif(not REAL_FILES, reason="../shared/realdata/mxnet not present")
+@pytest.mark.skipif(not REAL_FILES, reason="real MXNet files (shared/realdata/mxnet beside the clone) not present")
 @pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_real_file_every_key(path: Path) -> None:
     ref = json.loads(path.with_name(path.name + ".json").read_text())
@@ -127,7 +127,7 @@ def test_real_file_every_key(path: Path) -> None:
     assert list(d) == (f.names or [str(i) for i in range(len(f.records))])
 
 
-@pytest.mark.skipif(not REAL_FILES, reason="../shared/realdata/mxnet not present")
+@pytest.mark.skipif(not REAL_FILES, reason="real MXNet files (shared/realdata/mxnet beside the clone) not present")
 def test_row_sparse_densified() -> None:
     f = read_ndarray_file(MXDIR / "v2" / "jonggon_rowsparse_mod-10.params")
     sparse = [r for r in f.records if r.stype == 1]
@@ -193,7 +193,7 @@ def test_synthetic_resnet38_conversion(tmp_path: Path) -> None:
     path, src = _synthetic_resnet38(tmp_path)
     conv = convert_resnet38_names(load_params(path))
     assert list(conv) == list(resnet38_backbone_shapes())
-    # spot checks of the reference rule (stage1.md §2 examples)
+    # spot checks of the reference's renaming rule
     pairs = {"arg:res2a_branch1_weight": "b2.conv_branch1.weight",
              "aux:bn5b2_branch2b1_moving_var": "b5_2.bn_branch2b1.running_var",
              "arg:res6a_branch2b2_weight": "b6.conv_branch2b2.weight", "arg:bn7_gamma": "bn7.weight",
@@ -239,7 +239,7 @@ def test_missing_weights_name_path_and_url(tmp_path: Path) -> None:
     assert str(missing) in str(e.value) and RESNET38_IMAGENET_URL in str(e.value)
 
 
-@pytest.mark.skipif(not REAL_FILES, reason="../shared/realdata/mxnet not present")
+@pytest.mark.skipif(not REAL_FILES, reason="real MXNet files (shared/realdata/mxnet beside the clone) not present")
 def test_truncated_and_trailing_bytes(tmp_path: Path) -> None:
     src = MXDIR / "legacy" / "jonggon_cnn_bn_mod-100.params"
     data = src.read_bytes()

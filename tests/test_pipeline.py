@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 
 from pipeline.plan import STAGES, build_steps, default_config, paths_for, select_steps
-from pipeline.report import (GridColumn, ReportInputs, StageRow, centre_box_prediction, eval_json_iou,
-                             eval_json_miou, format_table, markdown_table, parse_miou_line, trivial_baselines,
-                             write_report)
+from pipeline.report import (GridColumn, ReportInputs, StageRow, centre_box_prediction, format_table,
+                             markdown_table, record_iou, trivial_baselines, write_report)
 from pipeline.runner import PerIdOutputs, Step, StepFailed, collect_results, run_steps
 from tools.imutils import write_label_png
-from tools.io import atomic_save_npy, atomic_write_json
+from tools.io import atomic_save_npy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,17 +28,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # parsing and baselines
 
 
-def test_parse_miou_line() -> None:
-    assert parse_miou_line("x\nmIoU: 0.61234\n") == pytest.approx(61.234)
-    assert parse_miou_line("     mIoU: 45.123%\n") == pytest.approx(45.123)
-    # the reference "Final test results" line: fractions; the last match wins
-    log = "INFO Final test results: Overall_Acc:0.9, mClass_Acc:0.8, mPred_Acc:0.7, mIoU:0.55012, \nmIoU: 0.6"
-    assert parse_miou_line(log) == pytest.approx(60.0)
-    assert parse_miou_line("no figures here") is None
-    assert eval_json_miou({"best_miou": 40.5, "miou": [1, 40.5]}) == 40.5
-    assert eval_json_miou({"miou": [33.0]}) == 33.0
-    assert eval_json_iou({"iou": [[1.0] * 21]}) == [1.0] * 21
-    assert eval_json_miou(None) is None
+def test_step_figures_come_from_the_metrics_record_only(tmp_path: Path, monkeypatch) -> None:
+    """A step's figures are read from its JSON metrics record; a log line is never parsed."""
+    import pipeline.plan as plan
+    from tools.metrics import metrics_record, write_metrics
+
+    monkeypatch.setattr(plan, "REPO_ROOT", tmp_path)
+    hist = np.zeros((21, 21), np.int64)
+    hist[0, 0], hist[1, 1], hist[1, 0], hist[2, 2] = 50, 30, 10, 10
+    read = plan._metrics("m.json")
+    assert read("mIoU: 0.61234") == {}  # no record: no figures, whatever the log says
+    write_metrics(tmp_path / "m.json", metrics_record(hist, "gt", n_images=3, best_th=0.25))
+    got = read("mIoU: 0.61234")
+    assert got["miou"] == pytest.approx((50 / 60 + 30 / 40 + 1) / 3 * 100)  # BECO: mean over the 3 gt classes
+    assert got["miou21"] == pytest.approx(sum(record_iou(metrics_record(hist))) / 21)
+    assert got["best_th"] == 0.25
+    assert record_iou(None) is None and record_iou({"confusion_matrix": [[1]]}) is None
 
 
 def test_trivial_baselines(tmp_path: Path) -> None:
@@ -79,7 +83,7 @@ def test_runner_runs_skips_and_records(tmp_path: Path, capsys) -> None:
     (tmp_path / "ids.txt").write_text("x1\nx2\n")
     steps = [
         Step("one", "data", _py("import pathlib; pathlib.Path('a.txt').write_text('1'); print('mIoU: 0.5')"),
-             outputs=["a.txt"], metrics=lambda log: {"miou": parse_miou_line(log)}),
+             outputs=["a.txt"], metrics=lambda log: {"miou": 100 * float(log.split("mIoU: ")[1].split()[0])}),
         Step("two", "irn", _py("import pathlib; [pathlib.Path(f'o/{i}.png').parent.mkdir(exist_ok=True) or "
                                "pathlib.Path(f'o/{i}.png').write_text('') for i in ('x1', 'x2')]"),
              outputs=[PerIdOutputs("o", "ids.txt", ".png")]),
@@ -160,7 +164,7 @@ print('RESULT', [r.skipped for r in res], res[0].metrics)
 def test_presets_commands() -> None:
     voc = build_steps(default_config("voc"))
     cmds = {s.name: s.display(s.argv) for s in voc}
-    # the seed commands (README) appear as typed
+    # the authors' commands (README) appear as typed
     assert cmds["train"].startswith("python train.py --name ktse1 --model ktse")
     assert cmds["infer"].startswith("python infer.py --name ktse1 --model ktse --load_epo 31 --dict "
                                     "--infer_list voc12/train_aug.txt")
@@ -188,6 +192,7 @@ def test_presets_commands() -> None:
 
 
 def test_report_on_synthetic_outputs(tmp_path: Path, toy_voc: Path) -> None:
+    from tools.metrics import metrics_record, write_metrics
     from voc12.data import load_cls_labels, read_id_list
 
     lists = toy_voc / "lists"
@@ -206,9 +211,10 @@ def test_report_on_synthetic_outputs(tmp_path: Path, toy_voc: Path) -> None:
         gt = read_label_png(gt_dir / f"{i}.png")
         write_label_png(exp / "val_pred" / f"{i}.png", np.where(gt == 255, 0, gt).astype(np.uint8))
     th = [t / 100 for t in range(10, 30)]
-    atomic_write_json(exp / "eval_cam.json", {"thresholds": th, "miou": [30 + t * 10 for t in th], "best_th": 0.29,
-                                             "best_miou": 32.9, "iou_at_best": list(np.linspace(0, 90, 21))})
-    atomic_write_json(exp / "eval_irn.json", {"miou": [40.0], "iou": [list(np.linspace(10, 80, 21))]})
+    hist = np.diag(np.arange(1, 22) * 100) + 50
+    write_metrics(exp / "eval_cam.json", metrics_record(hist, "all", n_images=2, thresholds=th, best_th=0.29,
+                                                        miou_by_threshold=[30 + t * 10 for t in th]))
+    write_metrics(exp / "eval_irn.json", metrics_record(hist, "present", n_images=2))
     rows = [StageRow("stage one", "CAM seeds", "train", 32.9, 10.0, 5.0),
             StageRow("IRN", "pseudo-labels", "train", 40.0, 10.0, 6.0), StageRow("BECO", "val", "val", None)]
     cols = [GridColumn("image", "image"), GridColumn("ground truth", "gt", gt_dir),

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import cli_module
 import torch
 
 from tools.errors import WSSSError
@@ -156,7 +158,7 @@ def _score_files(folder: Path, n: int, seed: int = 0) -> list[str]:
 
 
 def test_gen_mask_reuses_only_matching_masks(tmp_path, capsys, monkeypatch):
-    from irn import gen_mask
+    gen_mask = cli_module("irn/gen_mask.py")
     import irn.steps.gen_mask as gm
 
     score, masks, ref = tmp_path / "score", tmp_path / "mask", tmp_path / "ref"
@@ -199,19 +201,24 @@ def test_gen_mask_reuses_only_matching_masks(tmp_path, capsys, monkeypatch):
 # BECO test.py
 
 
-def test_beco_test_reuses_predictions_only_for_the_same_logits(toy_voc, tmp_path, capsys):
+def _beco_logits(voc: Path, tmp_path: Path, n: int):
+    """segmentation/test.py, the first ``n`` val ids, their list file, a folder of random logits for
+    them (``<tmp>/tag/logits_msc``) and the generator that made them."""
     sys.path.insert(0, str(ROOT / "segmentation"))
-    import importlib
-
-    test_py = importlib.import_module("segmentation.test")
-    ids = read_id_list(toy_voc / "lists" / "val.txt")[:3]
-    lst = tmp_path / "val3.txt"
+    test_py = cli_module("segmentation/test.py")
+    ids = read_id_list(voc / "lists" / "val.txt")[:n]
+    lst = tmp_path / f"val{n}.txt"
     lst.write_text("\n".join(ids) + "\n")
     logits = tmp_path / "tag" / "logits_msc"
     logits.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in ids:
         np.save(logits / f"{i}.npy", rng.standard_normal((21, 5, 6)).astype(np.float32))
+    return test_py, ids, lst, logits, rng
+
+
+def test_beco_test_reuses_predictions_only_for_the_same_logits(toy_voc, tmp_path, capsys):
+    test_py, ids, lst, logits, rng = _beco_logits(toy_voc, tmp_path, 3)
     argv = ["--logits_dir", str(logits), "--data_root", str(toy_voc), "--list", str(lst), "--n-jobs", "1",
             "--label_folder", "SegmentationClass"]
     assert test_py.main(argv) == 0
@@ -320,7 +327,7 @@ def _infer_args(work: Path, voc: Path, ckpt: Path, root: str, *extra: str) -> li
 
 
 def test_infer_recomputes_dicts_of_another_checkpoint(infer_setup, capsys, monkeypatch, one_thread):
-    import infer
+    infer = cli_module("infer.py")
 
     work, voc, ids, (ck0, ck1) = infer_setup
     d = work / "a" / "t" / "dict"
@@ -337,7 +344,9 @@ def test_infer_recomputes_dicts_of_another_checkpoint(infer_setup, capsys, monke
     after = _mtimes(d, "*.npy")
     assert all(after[k] != before[k] for k in before)
     # interrupted after 2 dictionaries of a scale change, the rerun finishes: same files as one run
-    real = infer.Writer.handle
+    from models.cam_infer import Writer
+
+    real = Writer.handle
     n = []
 
     def flaky(self, img_id, cam_dict, write_dict):
@@ -346,10 +355,10 @@ def test_infer_recomputes_dicts_of_another_checkpoint(infer_setup, capsys, monke
         n.append(img_id)
         real(self, img_id, cam_dict, write_dict)
 
-    monkeypatch.setattr(infer.Writer, "handle", flaky)
+    monkeypatch.setattr(Writer, "handle", flaky)
     assert infer.main(_infer_args(work, voc, ck1, "a", "--scales", "1.0", "0.5")) == 130
     assert "scales changed ([1.0] -> [1.0, 0.5])" in capsys.readouterr().out
-    monkeypatch.setattr(infer.Writer, "handle", real)
+    monkeypatch.setattr(Writer, "handle", real)
     assert infer.main(_infer_args(work, voc, ck1, "a", "--scales", "1.0", "0.5")) == 0
     assert f"{len(ids) - 2} to infer" in capsys.readouterr().out
     assert infer.main(_infer_args(work, voc, ck1, "b", "--scales", "1.0", "0.5")) == 0
@@ -361,7 +370,7 @@ def test_infer_recomputes_dicts_of_another_checkpoint(infer_setup, capsys, monke
 
 def test_infer_crf_from_saved_dicts_only_when_they_match(infer_setup, capsys, one_thread):
     pytest.importorskip("pydensecrf.densecrf")
-    import infer
+    infer = cli_module("infer.py")
 
     work, voc, ids, (ck0, ck1) = infer_setup
     assert infer.main(_infer_args(work, voc, ck0, "c")) == 0
@@ -493,21 +502,145 @@ def test_irn_steps_follow_their_records(infer_setup, tmp_path, capsys, monkeypat
     # training killed after its first epoch: the rerun refuses nothing, --resume continues it
     w2 = tmp_path / "sess2" / "res50_irn.pth"
     args2 = _irn_args(voc, out, ck1, lst, cam_scales=(1.0, 0.5), irn_num_epoches=2, irn_weights_name=str(w2))
-    real_save, saves = train_irn.atomic_torch_save, []
+    real_save, saves = train_irn.save_training_state, []
 
-    def killed(obj, path):
+    def killed(path, state, *a, **k):  # the resume state of epoch 1 is saved, epoch 2 is interrupted
         if len(saves) == 1:
             raise KeyboardInterrupt
         saves.append(path)
-        real_save(obj, path)
+        return real_save(path, state, *a, **k)
 
-    monkeypatch.setattr(train_irn, "atomic_torch_save", killed)
+    monkeypatch.setattr(train_irn, "save_training_state", killed)
     with pytest.raises(KeyboardInterrupt):
         train_irn.run(args2)
-    monkeypatch.setattr(train_irn, "atomic_torch_save", real_save)
+    monkeypatch.setattr(train_irn, "save_training_state", real_save)
     assert not w2.exists() and read_record(record_path_for(w2, is_dir=False))["state"] == "running"
     capsys.readouterr()
     train_irn.run(_irn_args(voc, out, ck1, lst, cam_scales=(1.0, 0.5), irn_num_epoches=2, irn_weights_name=str(w2),
                             resume=True))
     assert "resumed from" in capsys.readouterr().out and w2.is_file()
     assert read_record(record_path_for(w2, is_dir=False))["state"] == "complete"
+
+
+# ----------------------------------------------------------------------------------------------
+# interrupted, then rerun: the same files as one uninterrupted run (cam_to_ir_label, make_sem_seg_labels,
+# BECO test.py)
+
+
+def _stop_after(n: int, real, made: list):
+    """A writer that raises KeyboardInterrupt (as Ctrl-C would) once ``n`` outputs are written."""
+    def write(path, *a, **k):
+        if len(made) == n:
+            raise KeyboardInterrupt
+        real(path, *a, **k)
+        made.append(path)
+    return write
+
+
+def _same_bytes(a: Path, b: Path, pattern: str) -> None:
+    names = sorted(p.name for p in a.glob(pattern))
+    assert names and names == sorted(p.name for p in b.glob(pattern))
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cam_to_ir_label_interrupted_then_rerun(infer_setup, tmp_path, capsys, monkeypatch, one_thread, workers):
+    pytest.importorskip("pydensecrf.densecrf")
+    from irn.steps import cam_to_ir_label, make_cam
+
+    work, voc, ids, (ck0, _) = infer_setup
+    out, ref = tmp_path / "irn", tmp_path / "ref"
+    args = _irn_args(voc, out, ck0, work / "four.txt", num_workers=workers)
+    make_cam.run(args)
+    ref_args = _irn_args(voc, ref, ck0, work / "four.txt", cam_out_dir=str(out / "cam"), num_workers=1)
+    cam_to_ir_label.run(ref_args)  # uninterrupted, one process
+    made: list = []
+    if workers == 1:
+        monkeypatch.setattr(cam_to_ir_label, "save_png", _stop_after(2, cam_to_ir_label.save_png, made))
+    else:
+        # Ctrl-C reaches the parent while the pool works: stop after 2 results have come back
+        real_tqdm = cam_to_ir_label.tqdm
+
+        def stopping(it, **k):
+            for x in real_tqdm(it, **k):
+                if len(made) == 2:
+                    raise KeyboardInterrupt
+                made.append(x)
+                yield x
+        monkeypatch.setattr(cam_to_ir_label, "tqdm", stopping)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        cam_to_ir_label.run(args)
+    monkeypatch.undo()
+    irl = out / "ir_label"
+    assert read_record(irl / RECORD_NAME)["state"] == "running"
+    kept = _mtimes(irl, "*.png")
+    assert len(kept) >= 2  # a worker may have finished one more before the pool was stopped
+    cam_to_ir_label.run(args)
+    assert f"cam_to_ir_label: {len(ids) - len(kept)} of {len(ids)} images to do" in capsys.readouterr().out
+    assert {k: v for k, v in _mtimes(irl, "*.png").items() if k in kept} == kept  # finished files kept
+    assert read_record(irl / RECORD_NAME)["state"] == "complete"
+    _same_bytes(irl, ref / "ir_label", "*.png")
+
+
+def test_make_sem_seg_labels_interrupted_then_rerun(infer_setup, tmp_path, capsys, monkeypatch, one_thread):
+    from irn.net.resnet50_irn import EdgeDisplacement
+    from irn.steps import make_cam, make_sem_seg_labels
+
+    work, voc, ids, (ck0, _) = infer_setup
+    out, ref = tmp_path / "irn", tmp_path / "ref"
+    args = _irn_args(voc, out, ck0, work / "four.txt")
+    make_cam.run(args)
+    torch.manual_seed(0)  # untrained IRN weights: the random walk only has to be the same in both runs
+    Path(args.irn_weights_name).parent.mkdir(parents=True)
+    torch.save(EdgeDisplacement(crop_size=96, stride=4, backbone_width=8).state_dict(), args.irn_weights_name)
+    make_sem_seg_labels.run(_irn_args(voc, ref, ck0, work / "four.txt", cam_out_dir=args.cam_out_dir,
+                                      irn_weights_name=args.irn_weights_name))
+    made: list = []
+    # the score file of the third image is written, its pseudo-label is not: both are redone
+    monkeypatch.setattr(make_sem_seg_labels, "save_png", _stop_after(2, make_sem_seg_labels.save_png, made))
+    with pytest.raises(KeyboardInterrupt):
+        make_sem_seg_labels.run(args)
+    monkeypatch.undo()
+    sem, score = out / "sem_seg", out / "score"
+    assert len(list(sem.glob("*.png"))) == 2 and len(list(score.glob("*.pt"))) == 3
+    assert read_record(sem / RECORD_NAME)["state"] == read_record(score / RECORD_NAME)["state"] == "running"
+    kept = _mtimes(sem, "*.png")
+    capsys.readouterr()
+    make_sem_seg_labels.run(args)
+    assert f"make_sem_seg_labels: {len(ids) - 2} of {len(ids)} images to do" in capsys.readouterr().out
+    assert {k: v for k, v in _mtimes(sem, "*.png").items() if k in kept} == kept
+    _same_bytes(sem, ref / "sem_seg", "*.png")
+    for i in ids:
+        a, b = torch.load(score / f"{i}.pt", weights_only=False), torch.load(ref / "score" / f"{i}.pt", weights_only=False)
+        assert np.array_equal(a["pred"], b["pred"]) and np.array_equal(a["keys"], b["keys"])
+        torch.testing.assert_close(a["score"], b["score"], rtol=0, atol=0, equal_nan=True)  # untrained: NaN rows
+    assert read_record(sem / RECORD_NAME)["state"] == read_record(score / RECORD_NAME)["state"] == "complete"
+
+
+def test_beco_test_interrupted_then_rerun(toy_voc, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    test_py, ids, lst, logits, _ = _beco_logits(toy_voc, tmp_path, 4)
+    shutil.copytree(logits, tmp_path / "ref" / "logits_msc")
+
+    def argv(folder: Path) -> list[str]:
+        return ["--logits_dir", str(folder), "--data_root", str(toy_voc), "--list", str(lst), "--n-jobs", "1",
+                "--label_folder", "SegmentationClass"]
+
+    assert test_py.main(argv(tmp_path / "ref" / "logits_msc")) == 0
+    ref_miou = [x for x in capsys.readouterr().out.splitlines() if x.startswith("mIoU")]
+    made: list = []
+    monkeypatch.setattr(test_py, "write_label_png", _stop_after(2, test_py.write_label_png, made))
+    assert test_py.main(argv(logits)) == 130
+    monkeypatch.undo()
+    pred = tmp_path / "tag" / "val_pred"
+    kept = _mtimes(pred, "*.png")
+    assert len(kept) == 2 and read_record(pred / RECORD_NAME)["state"] == "running"
+    capsys.readouterr()
+    assert test_py.main(argv(logits)) == 0
+    assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("mIoU")] == ref_miou
+    assert {k: v for k, v in _mtimes(pred, "*.png").items() if k in kept} == kept
+    assert read_record(pred / RECORD_NAME)["state"] == "complete"
+    _same_bytes(pred, tmp_path / "ref" / "val_pred", "*.png")

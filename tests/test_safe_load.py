@@ -11,13 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import cli_module
 import torch
 
-import train
+from models import ktse_train
+from tools.layout import StageOneLayout
+from tools.train_state import set_rng_state
 from irn.steps.common import load_cam_dict, save_cam_dict
 from irn.steps.gen_mask import load_score
 from models.mxnet_params import read_ndarray_file
-from models.seed_eval import load_dict
+from tools.seed_eval import load_dict
 from tools.checkpoint import load_torch_file
 from tools.errors import DataError, WSSSError
 from tools.io import atomic_save_npy, atomic_torch_save
@@ -120,7 +124,7 @@ def _torch_readers():
     return {"load_torch_file": lambda p: load_torch_file(p, "stage-one checkpoint"),
             "load_torch_file numpy": lambda p: load_torch_file(p, "checkpoint", numpy=True),
             "gen_mask score": load_score,
-            "train.py resume": train.load_resume_state}
+            "train.py resume": ktse_train.load_resume_state}
 
 
 @pytest.mark.parametrize("reader", list(_torch_readers()))
@@ -240,29 +244,30 @@ def test_train_resume_state_round_trip(tmp_path):
     """train.py's own last.pth (optimizer, python/numpy/torch RNG states, args, numpy scalars) loads."""
     net, opt = _tiny_training()
     args = argparse.Namespace(keep_ckpt=0, name="x", lr=0.01, scales=[1.0, 0.5], init=None)
-    paths = {"ckpt": tmp_path / "ckpt", "last": tmp_path / "ckpt" / "last.pth"}
+    paths = StageOneLayout.of(tmp_path, "x")
+    paths.ckpt.mkdir(parents=True)
     random.seed(3)
     np.random.seed(4)
     expect = (random.random(), np.random.rand())
     random.seed(3)
     np.random.seed(4)
-    train.save_epoch(net, opt, None, args, paths, 0, 7,
+    ktse_train.save_epoch(net, opt, None, args, paths, 0, 7,
                      {"val_history": ["ep 1"], "best_miou": np.float64(0.5), "running": {"sums": {"loss": 1.0}, "count": 2}})
     random.seed(0)
     np.random.seed(0)
-    st = train.load_resume_state(paths["last"])
+    st = ktse_train.load_resume_state(paths.last)
     assert st["global_step"] == 7 and st["best_miou"] == 0.5 and st["args"]["scales"] == [1.0, 0.5]
     net2, opt2 = _tiny_training(0)
     net2.load_state_dict(st["model"])
     opt2.load_state_dict(st["optimizer"])
-    train.set_rng_state(st["rng"])
+    set_rng_state(st["rng"])
     assert (random.random(), np.random.rand()) == expect
 
 
 def test_train_resume_state_not_ours(tmp_path):
     torch.save({"model": {}}, tmp_path / "last.pth")
     with pytest.raises(DataError, match="last.pth"):
-        train.load_resume_state(tmp_path / "last.pth")
+        ktse_train.load_resume_state(tmp_path / "last.pth")
 
 
 def test_irn_resume_and_beco_checkpoints_load_weights_only(tmp_path):
@@ -345,7 +350,7 @@ def test_truncated_npy_is_a_data_error(tmp_path):
 def test_evaluation_cli_refuses_a_crafted_dict_in_one_line(tmp_path, monkeypatch, capsys, workers):
     """evaluation.py over a dict folder holding a crafted file (or a NaN CAM): one error line naming
     the file, no traceback, nothing run."""
-    import evaluation
+    evaluation = cli_module("evaluation.py")
     from test_evaluation import _eval_fixture, _write_fixture_tree
 
     npz, _ = _eval_fixture()

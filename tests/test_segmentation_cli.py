@@ -18,6 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tools.metrics import MIOU_DEFINITIONS, metrics_record
+
 ROOT = Path(__file__).resolve().parents[1]
 SEG = ROOT / "segmentation"
 PY = sys.executable
@@ -74,7 +76,11 @@ def test_train_outputs(trained):
     ck = torch.load(d / "ckpt_epoch_3.pth", weights_only=False)
     assert ck["model_state_dict"]["epoch"] == 3 and ck["runner_state_dict"]["iter"] == 3 * 2
     t = json.loads((d / "test_metrics.json").read_text())  # the test that follows training
-    assert 0.0 <= t["miou"] <= 1.0 and len(list((d / "logits_msc").glob("*.npy"))) == 4
+    assert 0.0 <= t["miou"] <= 100.0 and len(list((d / "logits_msc").glob("*.npy"))) == 4
+    # one metrics record: percent, the definition named, the confusion matrix kept
+    assert t["miou_definition"] == MIOU_DEFINITIONS["gt"] and t["n_images"] == 4
+    assert t["miou"] == pytest.approx(metrics_record(t["confusion_matrix"], "gt", eps=1e-5)["miou"])
+    assert m["miou_definition"] == MIOU_DEFINITIONS["gt"] and m["best_miou"] >= m["val"][-1]["miou"] - 1e-9
 
 
 def test_kill_mid_training_then_resume_matches_uninterrupted(toy, trained):
@@ -128,4 +134,4 @@ def test_test_then_crf(toy, trained):
         assert im.mode == "P"  # palette PNG of class indices
         assert im.size == Image.open(toy / "JPEGImages" / (preds[0].stem + ".jpg")).size
     res = json.loads((trained / "seg_result" / "val_metrics_crf.json").read_text())
-    assert abs(res["mIoU"] - miou) < 1e-12 and res["crf_image"] == "wrapped"
+    assert abs(res["miou"] - 100 * miou) < 1e-9 and res["crf_image"] == "wrapped"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, cli_module
 
-import train
+train = cli_module("train.py")
 
 
 def _args(toy_voc: Path, exp: Path, name: str, *extra: str) -> list[str]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from typing import Callable
+from typing import Any, Callable, Mapping
 
-__all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction", "device",
-           "int_at_least", "float_range", "DEVICE_HELP"]
+__all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction", "device", "str2bool",
+           "int_at_least", "int_range", "float_range", "DEVICE_HELP", "add_compat_flags"]
 
 DEVICE_HELP = "auto | cpu | cuda | cuda:N"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -38,6 +38,17 @@ def int_at_least(lo: int, meaning: str = "") -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be an integer >= {lo}{extra}, got {s!r}")
         return v
     conv.__name__ = f"int>={lo}"
+    return conv
+
+
+def int_range(lo: int, hi: int) -> Callable[[str], int]:
+    """``type=`` for an integer in ``lo..hi`` (both included)."""
+    def conv(s: str) -> int:
+        v = _number(int, "an integer", s)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi}, got {s!r}")
+        return v
+    conv.__name__ = f"int in {lo}..{hi}"
     return conv
 
 
@@ -88,3 +99,26 @@ def device(s: str) -> str:
     if not _DEVICE.match(v):
         raise argparse.ArgumentTypeError(f"expected {DEVICE_HELP}, got {s!r}")
     return v
+
+
+def str2bool(v: str | bool) -> bool:
+    """Booleans: accepts true/false, 1/0, yes/no, on/off (case-insensitive); a bool passes through."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+def add_compat_flags(parser: argparse.ArgumentParser, flags: Mapping[str, Mapping[str, Any]]) -> None:
+    """Register reference flags that do nothing in this implementation: a reference command line still
+    parses (same type, ``nargs`` and default, so the parsed namespace and logged settings are unchanged),
+    but ``--help`` does not show them.
+
+    ``flags``: ``{"--flag": add_argument keyword arguments}``, e.g. ``{"--lr": dict(type=float, default=0.01)}``.
+    """
+    for flag, kwargs in flags.items():
+        parser.add_argument(flag, help=argparse.SUPPRESS, **dict(kwargs))

@@ -13,13 +13,11 @@ from PIL import Image
 
 from tools.errors import DataError, MissingFileError
 
-VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)
-CAT_NAMES_BG: tuple[str, ...] = ("background",) + VOC_CLASSES
-NUM_CLASSES = 20
+# VOC's names stay importable from here for older callers; the class set of a run comes from its
+# dataset descriptor (tools.dataset), whose VOC instance is the default of every function below.
+from voc12.dataset import VOC12, VOC_CLASSES  # noqa: E402,F401
+
+CAT_NAMES_BG: tuple[str, ...] = VOC12.names_bg
 IGNORE_INDEX = 255
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,17 +25,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
-    """The standard VOC bit-interleaved colour map, ``(n, 3)`` uint8 (1 -> (128,0,0), 255 -> (224,224,192))."""
-    pal = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
+    """The standard VOC bit-interleaved colour map, ``(n, 3)`` uint8 (1 -> (128,0,0), 255 -> (224,224,192));
+    every dataset's palette (:meth:`tools.dataset.DatasetInfo.palette`) follows this rule."""
+    from tools.dataset import bit_interleaved_palette
+
+    return bit_interleaved_palette(n)
 
 
 def _open_image(path: os.PathLike | str, what: str) -> Image.Image:
@@ -86,7 +78,7 @@ def read_label_png(path: os.PathLike | str, num_classes: int | None = None) -> n
     return lab
 
 
-def check_class_values(lab: np.ndarray, path: os.PathLike | str, num_classes: int = NUM_CLASSES + 1) -> None:
+def check_class_values(lab: np.ndarray, path: os.PathLike | str, num_classes: int = VOC12.num_classes) -> None:
     """Raise :class:`DataError` naming ``path`` unless every value of ``lab`` is ``< num_classes`` or
     ``IGNORE_INDEX``. A value such as 30 would otherwise be counted as a valid pixel of no class."""
     if not lab.size or int(lab.max()) < num_classes:
@@ -96,11 +88,11 @@ def check_class_values(lab: np.ndarray, path: os.PathLike | str, num_classes: in
         vals = np.unique(lab[bad])
         raise DataError(f"label map '{path}' holds value(s) {', '.join(str(int(v)) for v in vals[:5])}"
                         f"{' ...' if vals.size > 5 else ''} in {int(bad.sum())} pixel(s); expected class indices "
-                        f"0..{num_classes - 1} and {IGNORE_INDEX} (ignore) only, as in VOC SegmentationClass "
+                        f"0..{num_classes - 1} and {IGNORE_INDEX} (ignore) only, as in the dataset's SegmentationClass "
                         "palette PNGs. Check that the folder holds label maps of this dataset's classes.")
 
 
-def read_gt_png(path: os.PathLike | str, num_classes: int = NUM_CLASSES + 1) -> np.ndarray:
+def read_gt_png(path: os.PathLike | str, num_classes: int = VOC12.num_classes) -> np.ndarray:
     """Ground-truth label map ``(H, W)`` uint8: values ``0..num_classes-1`` or 255,
     anything else is a :class:`DataError` naming the file. Every ground-truth read goes through here."""
     return read_label_png(path, num_classes=num_classes)

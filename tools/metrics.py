@@ -2,12 +2,20 @@
 stage-one evaluation and BECO's SimSegMetrics print. Every stage scores through these functions."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+
+from tools.io import atomic_write_json
+from voc12.dataset import VOC12
 
 _EPS = 1e-10
 
 
-def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int = 21,
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int = VOC12.num_classes,
                      ignore_index: int = 255) -> np.ndarray:
     """Confusion matrix ``(n, n)`` int64, rows = ground truth, columns = prediction.
 
@@ -36,8 +44,9 @@ def iou_from_confusion(hist: np.ndarray) -> np.ndarray:
 def scores(hist: np.ndarray) -> dict[str, object]:
     """All figures from a confusion matrix (rows gt, cols pred).
 
-    Returns ``iou`` (n,), ``miou`` (mean over all n classes, stage-one definition), ``miou_present``
-    (nanmean over classes present in gt or prediction, the SimSegMetrics/chainercv style),
+    Returns ``iou`` (n,), ``miou`` (mean over all n classes, stage-one definition), ``iou_present`` (n,)
+    (``TP/(T+P-TP)``, NaN for a class in neither gt nor prediction), ``miou_present`` (its nanmean,
+    chainercv's ``calc_semantic_segmentation_iou``),
     ``pixel_acc``, ``mean_acc`` (nanmean of per-class recall), ``fw_iou`` (frequency-weighted IoU),
     and per-class ``t_over_tp``, ``p_over_tp``, ``fp_share``, ``fn_share`` (the stage-one extras).
     """
@@ -55,6 +64,7 @@ def scores(hist: np.ndarray) -> dict[str, object]:
     return {
         "iou": iou,
         "miou": float(iou.mean()),
+        "iou_present": iou_present,
         "miou_present": float(np.nanmean(iou_present)) if np.any(union > 0) else 0.0,
         "pixel_acc": float(tp.sum() / total) if total else 0.0,
         "mean_acc": float(np.nanmean(recall)) if np.any(t > 0) else 0.0,
@@ -98,3 +108,76 @@ def present_class_scores(hist: np.ndarray, eps: float = 1e-5) -> dict[str, objec
         "mpred_acc": float(pred_acc[in_pred].mean()) if in_pred.any() else 0.0,
         "miou": float(iou[in_gt].mean()) if in_gt.any() else 0.0,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# The one metrics record every scorer writes (docs/formats.md, "Metrics record")
+
+#: the three mIoU definitions the stages use, by name
+MIOU_DEFINITIONS: dict[str, str] = {
+    "all": "mean over all classes",                                       # stage-one evaluation.py
+    "present": "mean over classes present in ground truth or prediction",  # IRN eval (chainercv)
+    "gt": "mean over classes present in ground truth",                     # BECO (SimSegMetrics, test.py)
+}
+
+
+def metrics_record(hist: np.ndarray, definition: str = "all", eps: float = 0.0, n_images: int | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    """The metrics record of one scored prediction set, every figure in percent.
+
+    hist: ``(n, n)`` confusion matrix (rows gt, cols pred). ``definition`` picks what ``miou`` means
+    (a key of :data:`MIOU_DEFINITIONS`; ``eps`` is the IoU denominator's epsilon of the ``gt``
+    definition: 1e-5 for BECO's SimSegMetrics, 0 for its test.py). Returns ``miou``,
+    ``miou_definition`` (the sentence), ``iou`` (n,) under that definition (None for a class the
+    definition leaves out), ``miou_all`` (the all-class mean of the stage-one formula, whatever the
+    definition, so stages compare), ``pixel_acc``, ``mean_acc``, ``fw_iou``, ``n_images``,
+    ``num_classes``, ``confusion_matrix`` and ``extra`` (stage-specific fields, added last).
+    """
+    if definition not in MIOU_DEFINITIONS:
+        raise ValueError(f"unknown mIoU definition {definition!r} (one of {sorted(MIOU_DEFINITIONS)})")
+    h = np.asarray(hist, dtype=np.int64)
+    sc = scores(h)
+    iou_all = [float(v) * 100 for v in iou_from_confusion(h)]
+    if definition == "all":
+        iou: list[float | None] = iou_all
+        miou = float(sc["miou"]) * 100
+    elif definition == "present":
+        iou = [None if np.isnan(v) else float(v) * 100 for v in sc["iou_present"]]
+        miou = float(sc["miou_present"]) * 100
+    else:
+        pc = present_class_scores(h, eps=eps)
+        in_gt = h.sum(1) >= 1
+        iou = [float(v) * 100 if g else None for v, g in zip(pc["iou"], in_gt)]
+        miou = float(pc["miou"]) * 100
+    record: dict[str, Any] = {
+        "miou": miou,
+        "miou_definition": MIOU_DEFINITIONS[definition],
+        "iou": iou,
+        # the stage-one formula's mean over all classes (how the pipeline compares stages)
+        "miou_all": float(sum(iou_all) / len(iou_all)),
+        "pixel_acc": float(sc["pixel_acc"]) * 100,
+        "mean_acc": float(sc["mean_acc"]) * 100,
+        "fw_iou": float(sc["fw_iou"]) * 100,
+        "n_images": n_images,
+        "num_classes": int(h.shape[0]),
+        "confusion_matrix": h.tolist(),
+    }
+    record.update(extra)
+    return record
+
+
+def write_metrics(path: os.PathLike | str, record: dict[str, Any]) -> None:
+    """Write a :func:`metrics_record` atomically as JSON (refuses a dict that is not one)."""
+    missing = [k for k in ("miou", "miou_definition", "iou", "miou_all", "n_images") if k not in record]
+    if missing:
+        raise ValueError(f"not a metrics record (missing {missing}); build it with tools.metrics.metrics_record")
+    atomic_write_json(path, record)
+
+
+def read_metrics(path: os.PathLike | str) -> dict[str, Any] | None:
+    """A metrics record written by :func:`write_metrics`, or None when the file is missing or is not one."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) and "miou" in obj and "miou_definition" in obj else None

@@ -1,7 +1,6 @@
-"""Seeding, device choice, the poly learning-rate rule, argparse helpers and a step timer."""
+"""Seeding, device choice, the poly learning-rate rule and a step timer."""
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from typing import Iterator
@@ -47,16 +46,7 @@ def poly_lr(base_lr: float, step: int, max_step: int, power: float = 0.9) -> flo
     return base_lr * (1.0 - frac) ** power
 
 
-def str2bool(v: str | bool) -> bool:
-    """argparse ``type=`` for booleans: accepts true/false, 1/0, yes/no, on/off (case-insensitive)."""
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "t", "yes", "y", "on"):
-        return True
-    if s in ("0", "false", "f", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+from tools.cli import str2bool  # noqa: E402,F401 - argparse types live in tools/cli.py; kept importable here
 
 
 @contextlib.contextmanager

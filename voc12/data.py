@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from tools.errors import DataError
-from tools.imutils import NUM_CLASSES, normalize_imagenet, pil_resize
+from tools.dataset import DatasetInfo, get_dataset
+from tools.imutils import normalize_imagenet, pil_resize
 from voc12.lists import (DEFAULT_CLS_LABELS, DEFAULT_VOC_ROOT, LABELS_HINT, VOC_HINT, check_voc_root,  # noqa: F401
                          gt_path, image_path, labels_for, load_cls_labels, load_gt, load_image, parse_id,
                          read_id_list)
@@ -32,7 +33,7 @@ def scaled_side(size: float) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage one: training pairs (stage1.md §3.3)
+# Stage one: training pairs
 # ----------------------------------------------------------------------------------------------
 
 def random_resize_long(img: np.ndarray, rng: random.Random, lo: int, hi: int) -> np.ndarray:
@@ -95,24 +96,25 @@ class ClsPairDataset(EpochSeededDataset):
 
     Item dict: ``img_a``/``img_a2`` (3, crop, crop) float32 normalised (zero = mean colour outside the
     pasted image), ``img_p``/``img_p2`` the same window of raw 0..255 pixels, ``label``/``label2``
-    (20,) float32, ``name``/``name2`` ids. Randomness comes from a per-item ``random.Random`` seeded by
+    (C,) float32, ``name``/``name2`` ids. Randomness comes from a per-item ``random.Random`` seeded by
     ``(seed, epoch, index)``, so draws are reproducible regardless of DataLoader workers; call
     :meth:`set_epoch` each epoch.
     """
 
     def __init__(self, ids: Sequence[str], root: os.PathLike | str, cls_labels: dict[str, np.ndarray],
                  resize: Sequence[float] = (256, 512), crop: int = 320, seed: int = 5137,
-                 labels_source: str = "cls_labels.npy") -> None:
+                 labels_source: str = "cls_labels.npy", dataset: DatasetInfo | str = "voc12") -> None:
         if int(resize[0]) > int(resize[1]):
             raise ValueError(f"--resize must be (min, max), got {resize}")
         self.ids = list(ids)
         self.root = Path(root)
-        self.labels = labels_for(self.ids, cls_labels, labels_source)
+        self.dataset = get_dataset(dataset)
+        self.labels = labels_for(self.ids, cls_labels, labels_source, self.dataset)
         empty = [self.ids[i] for i in np.flatnonzero(self.labels.sum(1) == 0)]
         if empty:
             raise DataError(f"{len(empty)} training image(s) have no class at all (e.g. {empty[0]}); "
                             "image-level training needs at least one class per image.")
-        self.class_members = [np.flatnonzero(self.labels[:, c] > 0) for c in range(NUM_CLASSES)]
+        self.class_members = [np.flatnonzero(self.labels[:, c] > 0) for c in range(self.labels.shape[1])]
         self.resize = (int(resize[0]), int(resize[1]))
         self.crop = int(crop)
         self.seed = int(seed)
@@ -136,7 +138,7 @@ class ClsPairDataset(EpochSeededDataset):
         idx2 = self.partner_index(idx, rng)
         out = {}
         for i, sfx in ((idx, ""), (idx2, "2")):
-            a, p = self._transform(load_image(self.root, self.ids[i]), rng)
+            a, p = self._transform(load_image(self.root, self.ids[i], self.dataset), rng)
             out["img_a" + sfx] = torch.from_numpy(a)
             out["img_p" + sfx] = torch.from_numpy(p)
             out["label" + sfx] = torch.from_numpy(self.labels[i].copy())
@@ -145,7 +147,7 @@ class ClsPairDataset(EpochSeededDataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage one: multi-scale + flip inference inputs (stage1.md §3.4)
+# Stage one: multi-scale + flip inference inputs
 # ----------------------------------------------------------------------------------------------
 
 def msf_inputs(img: np.ndarray, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0)) -> list[np.ndarray]:
@@ -164,18 +166,20 @@ def msf_inputs(img: np.ndarray, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0)) 
 
 
 class MSFDataset(Dataset):
-    """Inference/validation set: item = ``(id, list of 2*len(scales) float32 CHW arrays, label (20,))``."""
+    """Inference/validation set: item = ``(id, list of 2*len(scales) float32 CHW arrays, label (C,))``."""
 
     def __init__(self, ids: Sequence[str], root: os.PathLike | str, cls_labels: dict[str, np.ndarray],
-                 scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0), labels_source: str = "cls_labels.npy") -> None:
+                 scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0), labels_source: str = "cls_labels.npy",
+                 dataset: DatasetInfo | str = "voc12") -> None:
         self.ids = list(ids)
         self.root = Path(root)
-        self.labels = labels_for(self.ids, cls_labels, labels_source)
+        self.dataset = get_dataset(dataset)
+        self.labels = labels_for(self.ids, cls_labels, labels_source, self.dataset)
         self.scales = tuple(scales)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, idx: int):
-        img = load_image(self.root, self.ids[idx])
+        img = load_image(self.root, self.ids[idx], self.dataset)
         return self.ids[idx], msf_inputs(img, self.scales), self.labels[idx]

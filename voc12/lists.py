@@ -2,8 +2,8 @@
 
 Reference formats kept: list files hold plain ids or ``/JPEGImages/<id>.jpg [/SegmentationClassAug/<id>.png]``
 lines (ids of any length are accepted, not only 11 characters); ``cls_labels.npy`` is ``np.save`` of a
-dict ``{id: float32 (20,) multi-hot}``. Kept free of torch so that evaluation workers and other
-light-weight tools start fast; :mod:`voc12.data` re-exports everything here.
+dict ``{id: float32 (C,) multi-hot}`` (C from the dataset descriptor, :mod:`tools.dataset`). Kept free
+of torch so that evaluation workers and other light-weight tools start fast; :mod:`voc12.data` re-exports everything here.
 """
 from __future__ import annotations
 
@@ -14,20 +14,22 @@ from typing import Sequence
 import numpy as np
 
 from tools.errors import DataError, MissingFileError, require_dir, require_file
-from tools.imutils import NUM_CLASSES, read_gt_png, read_rgb
+from tools.dataset import DatasetInfo, get_dataset
+from tools.imutils import read_gt_png, read_rgb
+from voc12.dataset import VOC12
 
-DEFAULT_VOC_ROOT = "data/VOC2012"
-DEFAULT_CLS_LABELS = "voc12/cls_labels.npy"
-VOC_HINT = ("Download VOCtrainval_11-May-2012.tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ and "
-            "extract it so that <root>/JPEGImages exists (or pass --data_root / --voc12_root); for a quick "
-            "start make the toy set: python -m voc12.toy --out data/toy")
-LABELS_HINT = "Build it with: python voc12/prepare.py --voc_root <VOC root> (writes voc12/cls_labels.npy and the lists)."
+DEFAULT_VOC_ROOT = VOC12.default_root
+DEFAULT_CLS_LABELS = VOC12.cls_labels
+VOC_HINT = VOC12.root_hint
+LABELS_HINT = VOC12.labels_hint
 
 
-def check_voc_root(root: os.PathLike | str) -> Path:
-    """Return ``Path(root)`` if it looks like a VOC tree (has JPEGImages/), else a clear error."""
-    root = require_dir(root, "VOC dataset folder", VOC_HINT)
-    require_dir(root / "JPEGImages", "VOC JPEGImages folder", VOC_HINT)
+def check_voc_root(root: os.PathLike | str, dataset: DatasetInfo | str = VOC12) -> Path:
+    """Return ``Path(root)`` if it looks like a tree of ``dataset`` (VOC: has JPEGImages/), else a clear error."""
+    ds = get_dataset(dataset)
+    root = require_dir(root, f"{ds.name} dataset folder", ds.root_hint)
+    if ds.image_folder:
+        require_dir(root / ds.image_folder, f"{ds.name} {ds.image_folder} folder", ds.root_hint)
     return root
 
 
@@ -66,59 +68,72 @@ def read_id_list(path: os.PathLike | str) -> list[str]:
     return ids
 
 
-def load_cls_labels(path: os.PathLike | str = DEFAULT_CLS_LABELS) -> dict[str, np.ndarray]:
-    """``{id: float32 (20,)}`` from a reference-format ``cls_labels.npy``."""
+def load_cls_labels(path: os.PathLike | str = DEFAULT_CLS_LABELS,
+                    dataset: DatasetInfo | str = VOC12) -> dict[str, np.ndarray]:
+    """``{id: float32 (C,)}`` from a reference-format ``cls_labels.npy``; every vector must have the
+    dataset's ``C`` foreground classes (a VOC file given to a COCO run is refused, naming the file)."""
     from tools.safe_load import load_npy
 
+    ds = get_dataset(dataset)
+    n, hint = ds.num_fg, ds.labels_hint
     what = "class-label file (cls_labels.npy)"
-    d = load_npy(path, what, LABELS_HINT, holds=f"a dict {{image id: {NUM_CLASSES}-vector}}")
+    d = load_npy(path, what, hint, holds=f"a dict {{image id: {n}-vector}}")
     if not isinstance(d, dict):
         raise DataError(f"{what} '{path}' holds a {type(d).__name__}, expected a dict {{image id: float32 "
-                        f"({NUM_CLASSES},)}}. {LABELS_HINT}")
+                        f"({n},)}}. {hint}")
     out = {}
     for k, v in d.items():
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, (str, int, np.integer)):
-            raise DataError(f"{what} '{path}' has key {k!r} ({type(k).__name__}); expected image ids. {LABELS_HINT}")
-        if (not isinstance(v, np.ndarray) or v.shape != (NUM_CLASSES,) or v.dtype.kind not in "fiub"
+            raise DataError(f"{what} '{path}' has key {k!r} ({type(k).__name__}); expected image ids. {hint}")
+        if (not isinstance(v, np.ndarray) or v.shape != (n,) or v.dtype.kind not in "fiub"
                 or not np.isfinite(v).all()):
             desc = f"{v.dtype} {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
-            raise DataError(f"{what} '{path}' entry {k!r} is {desc}; expected a finite ({NUM_CLASSES},) "
-                            f"multi-hot vector. {LABELS_HINT}")
+            raise DataError(f"{what} '{path}' entry {k!r} is {desc}; expected a finite ({n},) "
+                            f"multi-hot vector of {ds.name}'s classes. {hint}")
         out[str(k)] = v.astype(np.float32, copy=False)
     return out
 
 
-def labels_for(ids: Sequence[str], cls_labels: dict[str, np.ndarray], source: str = "cls_labels.npy") -> np.ndarray:
-    """``(N, 20)`` float32 labels of ``ids``; an id without a label is an error naming it and ``source``."""
+def labels_for(ids: Sequence[str], cls_labels: dict[str, np.ndarray], source: str = "cls_labels.npy",
+               dataset: DatasetInfo | str = VOC12) -> np.ndarray:
+    """``(N, C)`` float32 labels of ``ids``; an id without a label is an error naming it and ``source``."""
     missing = [i for i in ids if i not in cls_labels]
     if missing:
         raise DataError(f"{len(missing)} image id(s) have no class label in {source}: {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''}. {LABELS_HINT}")
-    return np.stack([cls_labels[i] for i in ids]).astype(np.float32) if ids else np.zeros((0, NUM_CLASSES), np.float32)
+                        f"{' ...' if len(missing) > 5 else ''}. {get_dataset(dataset).labels_hint}")
+    if not ids:
+        return np.zeros((0, get_dataset(dataset).num_fg), np.float32)
+    return np.stack([cls_labels[i] for i in ids]).astype(np.float32)
 
 
-def image_path(root: os.PathLike | str, img_id: str) -> Path:
-    return Path(root) / "JPEGImages" / f"{img_id}.jpg"
+def image_path(root: os.PathLike | str, img_id: str, dataset: DatasetInfo | str = VOC12) -> Path:
+    """Where the image of ``img_id`` lies (VOC: ``<root>/JPEGImages/<id>.jpg``; see the descriptor)."""
+    return get_dataset(dataset).image_path(root, img_id)
 
 
-def load_image(root: os.PathLike | str, img_id: str) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB of ``<root>/JPEGImages/<id>.jpg`` (clear error for a listed id without image)."""
-    p = image_path(root, img_id)
+def load_image(root: os.PathLike | str, img_id: str, dataset: DatasetInfo | str = VOC12) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of the image of ``img_id`` (clear error for a listed id without image)."""
+    p = image_path(root, img_id, dataset)
     if not p.is_file():
         raise MissingFileError(f"image for list id '{img_id}' not found: '{p}' (expected a JPEG). "
                                f"Is --data_root right and the list made for this dataset?")
     return read_rgb(p)
 
 
-def gt_path(root: os.PathLike | str, img_id: str, folder: str = "SegmentationClass") -> Path:
-    return Path(root) / folder / f"{img_id}.png"
+def gt_path(root: os.PathLike | str, img_id: str, folder: str = VOC12.gt_folder,
+            dataset: DatasetInfo | str = VOC12) -> Path:
+    """The mask of ``img_id`` in ``<root>/<folder>`` (COCO adds the split subfolder; see the descriptor)."""
+    return get_dataset(dataset).gt_path(Path(root) / folder, img_id)
 
 
-def load_gt(root: os.PathLike | str, img_id: str, folder: str = "SegmentationClass",
-            num_classes: int = NUM_CLASSES + 1) -> np.ndarray:
-    """Ground-truth class-index map ``(H, W)`` uint8 (0 bg, 1..20, 255 ignore) from a palette PNG; any
-    other value is a :class:`DataError` naming the file (``num_classes`` counts the background)."""
-    p = gt_path(root, img_id, folder)
+def load_gt(root: os.PathLike | str, img_id: str, folder: str = VOC12.gt_folder,
+            num_classes: int | None = None, dataset: DatasetInfo | str = VOC12) -> np.ndarray:
+    """Ground-truth class-index map ``(H, W)`` uint8 (0 bg, 1..C, 255 ignore) from a palette PNG; any
+    other value is a :class:`DataError` naming the file (``num_classes`` counts the background;
+    default: the dataset's)."""
+    ds = get_dataset(dataset)
+    num_classes = ds.num_classes if num_classes is None else num_classes
+    p = gt_path(root, img_id, folder, ds)
     if not p.is_file():
         raise MissingFileError(f"ground truth for id '{img_id}' not found: '{p}' (expected a palette PNG in "
                                f"{folder}/).")

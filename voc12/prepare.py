@@ -24,9 +24,10 @@ if __package__ in (None, ""):  # run as a script: make the repo importable witho
 import numpy as np
 from tqdm import tqdm
 
-from tools.errors import DataError, require_dir, require_file
-from tools.imutils import NUM_CLASSES, VOC_CLASSES, read_gt_png
+from tools.errors import DataError, require_dir, require_file, run_cli
+from tools.imutils import read_gt_png
 from tools.io import atomic_save_npy, atomic_write_text
+from voc12.dataset import VOC12, VOC_CLASSES
 from voc12.lists import read_id_list
 
 VOC_HINT = ("Download VOCtrainval_11-May-2012.tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ "
@@ -36,22 +37,22 @@ SBD_HINT = ("Download benchmark.tgz (SBD) from "
             "and pass its benchmark_RELEASE/dataset folder (or the folder above it).")
 
 
-def labels_from_mask(mask: np.ndarray) -> np.ndarray:
-    """20-dim multi-hot of the classes 1..20 present in a label map (0 and 255 ignored)."""
-    v = np.zeros(NUM_CLASSES, dtype=np.float32)
+def labels_from_mask(mask: np.ndarray, num_fg: int = VOC12.num_fg) -> np.ndarray:
+    """``num_fg``-dim multi-hot of the classes 1..num_fg present in a label map (0 and 255 ignored)."""
+    v = np.zeros(num_fg, dtype=np.float32)
     vals = np.unique(mask)
-    vals = vals[(vals >= 1) & (vals <= NUM_CLASSES)]
+    vals = vals[(vals >= 1) & (vals <= num_fg)]
     v[vals.astype(np.int64) - 1] = 1.0
     return v
 
 
 def labels_from_xml(path: Path) -> np.ndarray:
-    """20-dim multi-hot from every ``<object><name>`` of a VOC annotation (part names ignored)."""
+    """VOC multi-hot (one entry per VOC class) from every ``<object><name>`` of an annotation (part names ignored)."""
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
         raise DataError(f"cannot parse annotation '{path}': {e}") from e
-    v = np.zeros(NUM_CLASSES, dtype=np.float32)
+    v = np.zeros(VOC12.num_fg, dtype=np.float32)
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name in VOC_CLASSES:
@@ -140,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sbd_root", default=None, help="SBD benchmark_RELEASE (optional)")
     ap.add_argument("--out_dir", default=str(Path(__file__).resolve().parent),
                     help="where the lists and cls_labels.npy go (default: this voc12/ folder)")
-    a = ap.parse_args(argv)
+    return run_cli(_run, ap.parse_args(argv))
+
+
+def _run(a: argparse.Namespace) -> None:
     s = prepare(a.voc_root, a.out_dir, a.sbd_root, quiet=False)
     print(f"wrote {s['out_dir']}: train {s['train']}, val {s['val']}, train_aug {s['train_aug']}, "
           f"cls_labels {s['cls_labels']} ids")
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image
 
-from tools.imutils import VOC_CLASSES
+from tools import cli
+from tools.errors import run_cli
+from voc12.dataset import VOC12, VOC_CLASSES
 from tools.io import atomic_path, atomic_write_json, atomic_write_text, save_png
 from tools.imutils import voc_palette
 
@@ -32,7 +34,8 @@ TEXTURES = ("solid", "stripes", "checker", "dots")
 
 def class_signature(c: int) -> tuple[str, float, str]:
     """(shape, hue in [0,1), texture) of class index ``c`` (0..19). Every triple is unique."""
-    return SHAPES[c % 10], ((c * 7) % 20) / 20.0, TEXTURES[(c // 10) * 2 + (c % 2)]
+    n = VOC12.num_fg  # hues spread over the VOC classes
+    return SHAPES[c % 10], ((c * 7) % n) / float(n), TEXTURES[(c // 10) * 2 + (c % 2)]
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -101,8 +104,36 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
+def draw_object(rng: np.random.Generator, img: np.ndarray, yy: np.ndarray, xx: np.ndarray, c: int,
+                size: float | None = None, centre: tuple[float, float] | None = None) -> np.ndarray | None:
+    """Paint one object of class index ``c`` into ``img`` (H, W, 3) float, in place, with its class
+    signature and random pose and colour jitter; ``yy``/``xx`` are the (H, W) pixel coordinate grids.
+    ``size`` (px) and ``centre`` (cy, cx in px) are drawn from ``rng`` unless given. Returns the
+    object's full (H, W) bool mask, or None when it falls outside the image (nothing painted)."""
+    h, w = yy.shape
+    shape, hue, tex = class_signature(c)
+    size = rng.uniform(0.22, 0.42) * min(h, w) if size is None else size
+    cy = rng.uniform(0.2, 0.8) * h if centre is None else centre[0]
+    cx = rng.uniform(0.2, 0.8) * w if centre is None else centre[1]
+    th = rng.uniform(0, np.pi) if shape not in ("triangle",) else rng.uniform(-0.3, 0.3)
+    asp = rng.uniform(0.8, 1.25)
+    du, dv = (xx - cx) / size, (yy - cy) / size
+    u = (np.cos(th) * du + np.sin(th) * dv) * asp
+    v = (-np.sin(th) * du + np.cos(th) * dv) / asp
+    m = _shape_mask(shape, u, v)
+    if not m.any():
+        return None
+    col1 = _hsv(hue + rng.uniform(-0.02, 0.02), rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
+    col2 = _hsv(hue + 0.5, rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.45))
+    pat = _texture(tex, u, v, freq=rng.uniform(2.5, 4.0))
+    shade = 0.85 + 0.15 * np.clip(1 - 0.5 * (u + v), 0, 2)[..., None]
+    obj = np.where(pat[..., None], col2, col1) * shade
+    img[m] = obj[m]
+    return m
+
+
 def render_image(rng: np.random.Generator, h: int, w: int, n_obj: int,
-                 n_classes: int = 20) -> tuple[np.ndarray, np.ndarray, list]:
+                 n_classes: int = VOC12.num_fg) -> tuple[np.ndarray, np.ndarray, list]:
     """One image: ``(H, W, 3)`` uint8, ``(H, W)`` uint8 mask (0, 1..20, 255 borders), objects list
     ``[(class_idx, (xmin, ymin, xmax, ymax))]`` of the visible objects. Objects are drawn from the
     class indices ``0 .. n_classes - 1``."""
@@ -113,24 +144,9 @@ def render_image(rng: np.random.Generator, h: int, w: int, n_obj: int,
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     objs = []
     for k, c in enumerate(classes):
-        shape, hue, tex = class_signature(int(c))
-        size = rng.uniform(0.22, 0.42) * min(h, w)
-        cy = rng.uniform(0.2, 0.8) * h
-        cx = rng.uniform(0.2, 0.8) * w
-        th = rng.uniform(0, np.pi) if shape not in ("triangle",) else rng.uniform(-0.3, 0.3)
-        asp = rng.uniform(0.8, 1.25)
-        du, dv = (xx - cx) / size, (yy - cy) / size
-        u = (np.cos(th) * du + np.sin(th) * dv) * asp
-        v = (-np.sin(th) * du + np.cos(th) * dv) / asp
-        m = _shape_mask(shape, u, v)
-        if not m.any():
+        m = draw_object(rng, img, yy, xx, int(c))
+        if m is None:
             continue
-        col1 = _hsv(hue + rng.uniform(-0.02, 0.02), rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
-        col2 = _hsv(hue + 0.5, rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.45))
-        pat = _texture(tex, u, v, freq=rng.uniform(2.5, 4.0))
-        shade = 0.85 + 0.15 * np.clip(1 - 0.5 * (u + v), 0, 2)[..., None]
-        obj = np.where(pat[..., None], col2, col1) * shade
-        img[m] = obj[m]
         inst[m] = k
         objs.append(int(c))
     img = img + rng.normal(0, 6.0, img.shape)
@@ -169,13 +185,21 @@ def _xml(img_id: str, w: int, h: int, objects: list) -> str:
     return "\n".join(parts)
 
 
+def draw_image_size(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[int, int]:
+    """``(h, w)`` of one toy image: the long side mostly ``max_size`` (like VOC's 500), both sides in
+    ``[min_size, max_size]``, landscape 70 % of the time."""
+    long_side = max_size if rng.random() < 0.7 else int(rng.integers(min_size, max_size + 1))
+    short_side = int(rng.integers(min_size, max_size + 1))
+    return (long_side, short_side) if rng.random() < 0.3 else (short_side, long_side)
+
+
 def toy_ids(n_train: int, n_val: int) -> tuple[list[str], list[str]]:
     """VOC-like 11-character ids: train ``2100_NNNNNN``, val ``2101_NNNNNN``."""
     return [f"2100_{i:06d}" for i in range(n_train)], [f"2101_{i:06d}" for i in range(n_val)]
 
 
 def generate(out: os.PathLike | str, n_train: int = 200, n_val: int = 60, max_size: int = 500,
-             min_size: int | None = None, seed: int = 0, quiet: bool = True, n_classes: int = 20) -> dict:
+             min_size: int | None = None, seed: int = 0, quiet: bool = True, n_classes: int = VOC12.num_fg) -> dict:
     """Write the toy VOC tree under ``out``; deterministic for a given (arguments, seed).
 
     ``n_classes`` < 20 draws objects from the first ``n_classes`` VOC classes only (distinct shapes and
@@ -189,13 +213,13 @@ def generate(out: os.PathLike | str, n_train: int = 200, n_val: int = 60, max_si
     """
     out = Path(out)
     min_size = int(min_size or round(max_size * 0.6))
-    if not 1 <= n_classes <= 20:
-        raise ValueError(f"n_classes must be in 1..20, got {n_classes}")
+    if not 1 <= n_classes <= VOC12.num_fg:
+        raise ValueError(f"n_classes must be in 1..{VOC12.num_fg}, got {n_classes}")
     train_ids, val_ids = toy_ids(n_train, n_val)
     for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "Annotations", "ImageSets/Segmentation"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     pal = voc_palette()
-    hist = np.zeros(20, dtype=np.int64)
+    hist = np.zeros(VOC12.num_fg, dtype=np.int64)
     n_cls = np.zeros(4, dtype=np.int64)
     all_ids = train_ids + val_ids
     iterator = all_ids
@@ -204,9 +228,7 @@ def generate(out: os.PathLike | str, n_train: int = 200, n_val: int = 60, max_si
         iterator = tqdm(all_ids, desc="toy images")
     for i, img_id in enumerate(iterator):
         rng = np.random.default_rng([seed, i, 0 if i < n_train else 1])
-        long_side = max_size if rng.random() < 0.7 else int(rng.integers(min_size, max_size + 1))
-        short_side = int(rng.integers(min_size, max_size + 1))
-        h, w = (long_side, short_side) if rng.random() < 0.3 else (short_side, long_side)
+        h, w = draw_image_size(rng, min_size, max_size)
         n_obj = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
         for _ in range(10):
             img, label, objs = render_image(rng, h, w, n_obj, n_classes)
@@ -242,24 +264,44 @@ def existing_toy(out: os.PathLike | str) -> dict | None:
     return json.loads(p.read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
+#: smallest image side the generator draws: objects stay a few pixels wide and keep their 255 border band
+MIN_SIDE = 16
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Generate the synthetic toy VOC-format dataset.")
     ap.add_argument("--out", default="data/toy", help="output VOC root (default data/toy)")
-    ap.add_argument("--n_train", type=int, default=200, help="training images (ImageSets/Segmentation/train.txt)")
-    ap.add_argument("--n_val", type=int, default=60, help="validation images (val.txt)")
-    ap.add_argument("--max_size", type=int, default=500, help="long image side in px (VOC: 500)")
-    ap.add_argument("--min_size", type=int, default=None, help="smallest side (default 0.6 * max_size)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--classes", type=int, default=20,
+    ap.add_argument("--n_train", type=cli.positive_int, default=200,
+                    help="training images (ImageSets/Segmentation/train.txt)")
+    ap.add_argument("--n_val", type=cli.positive_int, default=60, help="validation images (val.txt)")
+    ap.add_argument("--max_size", type=cli.int_at_least(MIN_SIDE), default=500, help="long image side in px (VOC: 500)")
+    ap.add_argument("--min_size", type=cli.int_at_least(MIN_SIDE), default=None,
+                    help="smallest side (default 0.6 * max_size; at most --max_size)")
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
+    ap.add_argument("--classes", type=cli.int_range(1, VOC12.num_fg), default=VOC12.num_fg,
                     help="draw objects from the first N VOC classes only (the pipeline's toy presets use fewer)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def run(a: argparse.Namespace) -> None:
     s = generate(a.out, a.n_train, a.n_val, a.max_size, a.min_size, a.seed, quiet=False, n_classes=a.classes)
     print(f"toy VOC set at {s['root']}: {s['n_train']} train + {s['n_val']} val images, sides {s['size'][0]}-{s['size'][1]} px")
     print("classes per image: " + ", ".join(f"{k}: {v}" for k, v in s["classes_per_image"].items()))
     print("images per class: " + ", ".join(f"{k} {v}" for k, v in s["images_per_class"].items()))
     print(f"next: python voc12/prepare.py --voc_root {a.out}")
-    return 0
 
+
+def parse_toy_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse a toy generator's command line; ``--min_size`` above ``--max_size`` is refused like any bad
+    flag (usage line, one error line, exit 2)."""
+    a = ap.parse_args(argv)
+    if a.min_size is not None and a.min_size > a.max_size:
+        ap.error(f"argument --min_size: must be at most --max_size ({a.max_size}), got {a.min_size}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, parse_toy_args(build_parser(), argv))
 
 if __name__ == "__main__":
     sys.exit(main())

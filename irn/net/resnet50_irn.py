@@ -1,4 +1,4 @@
-"""IRN edge / displacement network (reference ``net/resnet50_irn.py``; stage2.md §1.4).
+"""IRN edge / displacement network (reference ``net/resnet50_irn.py``).
 
 Module attribute names equal the reference ones, including the aliasing ModuleLists
 (``backbone``, ``edge_layers``, ``dp_layers``) and ``stage1..5`` views of the ResNet, so a

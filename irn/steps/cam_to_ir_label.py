@@ -1,4 +1,4 @@
-"""cam_to_ir_label: confident fg/bg seeds for IRN training via two dense CRFs (stage2.md §1.3).
+"""cam_to_ir_label: confident fg/bg seeds for IRN training via two dense CRFs.
 
 Writes ``<ir_label_out_dir>/<id>.png``: uint8 single channel ("L"), values 0 (confident bg),
 1..20 (confident class), 255 (unknown), and the folder's ``.provenance.json`` (tools.provenance):
@@ -18,6 +18,7 @@ from irn.steps.common import mp_start_method as _mp_start
 from tools.crf import dense_crf_labels
 from tools.io import save_png
 from tools.provenance import Provenance, folder_id, stat_key, upstream_id
+from tools.dataset import dataset_of, get_dataset
 from voc12.data import image_path, load_image, read_id_list
 
 VERSION = 1  # output format of ir_label/<id>.png; bump when the code changes what it writes
@@ -50,10 +51,11 @@ def ir_label_from_cams(img: np.ndarray, high_res: np.ndarray, keys_fg: np.ndarra
     return (conf, tuple(parts)) if return_parts else conf
 
 
-def _one(job: tuple[str, str, str, str, float, float]) -> str:
-    name, voc_root, cam_dir, out_dir, fg, bg = job
-    img = load_image(voc_root, name)
-    d = load_cam_dict(Path(cam_dir) / f"{name}.npy")
+def _one(job: tuple[str, str, str, str, float, float, str]) -> str:
+    name, voc_root, cam_dir, out_dir, fg, bg, dataset = job
+    ds = get_dataset(dataset)
+    img = load_image(voc_root, name, ds)
+    d = load_cam_dict(Path(cam_dir) / f"{name}.npy", ds.num_fg)
     conf = ir_label_from_cams(img, d["high_res"], d["keys"], fg, bg)
     save_png(Path(out_dir) / f"{name}.png", conf)
     return name
@@ -72,7 +74,7 @@ def run(args: Any) -> None:
     prov = provenance(args)
     cam_dir = Path(args.cam_out_dir)
     plan = prov.start(ids, per_id(args.ir_label_out_dir, ".png"),
-                      lambda i: stat_key(image_path(args.voc12_root, i), cam_dir / f"{i}.npy"),
+                      lambda i: stat_key(image_path(args.voc12_root, i, dataset_of(args)), cam_dir / f"{i}.npy"),
                       args.overwrite, "IR labels")
     todo = plan.todo
     print(f"cam_to_ir_label: {len(todo)} of {len(ids)} images to do -> {args.ir_label_out_dir}")
@@ -87,7 +89,7 @@ def _run_jobs(todo: list[str], args: Any) -> None:
     require_crf()
     Path(args.ir_label_out_dir).mkdir(parents=True, exist_ok=True)
     jobs = [(n, str(args.voc12_root), str(args.cam_out_dir), str(args.ir_label_out_dir),
-             float(args.conf_fg_thres), float(args.conf_bg_thres)) for n in todo]
+             float(args.conf_fg_thres), float(args.conf_bg_thres), dataset_of(args).name) for n in todo]
     workers = max(1, min(int(args.num_workers), len(jobs)))
     if workers == 1:
         for j in tqdm(jobs, desc="cam_to_ir_label", disable=args.quiet):

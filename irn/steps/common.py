@@ -10,6 +10,7 @@ import torch
 
 from tools.errors import DataError
 from tools.io import atomic_save_npy
+from voc12.dataset import VOC12
 
 CAM_HINT = "run the make_cam step first (python run_sample.py --make_cam_pass true)"
 
@@ -27,12 +28,13 @@ def save_cam_dict(path: os.PathLike | str, keys: np.ndarray, cam: np.ndarray, hi
                            "high_res": np.asarray(high_res, dtype=np.float32)})
 
 
-def load_cam_dict(path: os.PathLike | str) -> dict[str, np.ndarray]:
+def load_cam_dict(path: os.PathLike | str, num_fg: int = VOC12.num_fg) -> dict[str, np.ndarray]:
     """Read a ``cam/<id>.npy`` (ours or the reference's, whose ``keys``/``cam`` are torch tensors).
 
     Returns plain numpy ``keys`` int64 (C,), ``cam`` (C, ceil(H/4), ceil(W/4)), ``high_res`` (C, H, W).
     The pickle is read with the restricted unpickler of :mod:`tools.safe_load` (tensors rebuilt with
-    ``weights_only``; no code in the file runs). Inconsistent shapes, keys outside 0..19 and NaN/inf
+    ``weights_only``; no code in the file runs). Inconsistent shapes, keys outside 0..num_fg-1 (the dataset's
+    foreground classes) and NaN/inf
     are errors naming the file.
     """
     from tools.safe_load import load_npy, require_finite
@@ -56,8 +58,8 @@ def load_cam_dict(path: os.PathLike | str) -> dict[str, np.ndarray]:
                             f"array. {redo}")
         out[k] = v
     keys, cam, high = out["keys"], out["cam"], out["high_res"]
-    if keys.ndim != 1 or keys.dtype.kind not in "iu" or (keys.size and not (0 <= keys.min() and keys.max() < 20)):
-        raise DataError(f"{what} '{path}': 'keys' must be a 1-D integer array of class indices 0..19, got "
+    if keys.ndim != 1 or keys.dtype.kind not in "iu" or (keys.size and not (0 <= keys.min() and keys.max() < num_fg)):
+        raise DataError(f"{what} '{path}': 'keys' must be a 1-D integer array of class indices 0..{num_fg - 1}, got "
                         f"{keys.dtype} {keys.shape} {keys.tolist()[:8]}. {redo}")
     c = len(keys)
     ok = cam.ndim == 3 and high.ndim == 3 and cam.shape[0] == c and high.shape[0] == c
@@ -95,9 +97,9 @@ def run_split(fn: Callable[[list[str], Any, torch.device, int], None], ids: Sequ
     gpus = cuda_devices(device)
     ids = list(ids)
     if len(gpus) > 1 and len(ids) > 1:
-        import torch.multiprocessing as mp
+        from tools.runtime import spawn_per_gpu
 
-        mp.spawn(_spawn_entry, nprocs=min(len(gpus), len(ids)), args=(fn, gpus[:len(ids)], ids, args), join=True)
+        spawn_per_gpu(_spawn_entry, min(len(gpus), len(ids)), (fn, gpus[:len(ids)], ids, args))
     else:
         fn(ids, args, torch.device("cuda", gpus[0]) if gpus else device, 0)
 

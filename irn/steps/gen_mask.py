@@ -1,4 +1,4 @@
-"""Confidence masks for BECO from the random-walk scores (stage2.md §1.9; reference ``gen_mask.py``).
+"""Confidence masks for BECO from the random-walk scores (reference ``gen_mask.py``).
 
 Per image: margin = top score − second score (second = max after zeroing every entry equal
 to the per-pixel max, as the reference); for each class value k of the prediction, the
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from irn.steps.common import mp_start_method as _mp_start
 from irn.steps.common import per_id
 from tools.checkpoint import load_torch_file
+from tools.dataset import dataset_of
 from tools.io import save_png
 from tools.provenance import Provenance, read_record, record_path_for, stat_key, upstream_id
 
@@ -67,10 +68,22 @@ def load_score(path: Path) -> dict:
     return d
 
 
-def _one(job: tuple[str, str, float]) -> str:
-    score_path, out_dir, thd = job
+def check_pred_classes(pred: np.ndarray, num_classes: int, path: object) -> None:
+    """A pseudo-label value must be a class index of the dataset (``< num_classes``, background
+    included): scores made for another dataset (COCO scores with ``--dataset voc12``) are refused."""
+    if pred.size and (int(pred.min()) < 0 or int(pred.max()) >= num_classes):
+        from tools.errors import DataError
+
+        raise DataError(f"random-walk score file '{path}' predicts class {int(pred.max())}; the dataset has "
+                        f"classes 0..{num_classes - 1}. Pass the --dataset the scores were made for.")
+
+
+def _one(job: tuple[str, str, float, int]) -> str:
+    score_path, out_dir, thd, num_classes = job
     d = load_score(Path(score_path))
-    mask = confidence_mask(d["score"], np.asarray(d["pred"]), thd)
+    pred = np.asarray(d["pred"])
+    check_pred_classes(pred, num_classes, score_path)
+    mask = confidence_mask(d["score"], pred, thd)
     save_png(Path(out_dir) / (Path(score_path).stem + ".png"), mask_png(mask))
     return score_path
 
@@ -94,7 +107,8 @@ def run(args: Any) -> None:
     todo = [score_dir / f"{i}.pt" for i in plan.todo]
     print(f"gen_mask: {len(todo)} of {len(files)} masks to do -> {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(f), str(out_dir), float(args.thd)) for f in todo]
+    n = dataset_of(args).num_classes
+    jobs = [(str(f), str(out_dir), float(args.thd), n) for f in todo]
     workers = max(1, min(int(args.num_workers), len(jobs)))
     if workers == 1:
         for j in tqdm(jobs, desc="gen_mask"):

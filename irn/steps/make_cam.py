@@ -1,4 +1,4 @@
-"""make_cam: multi-scale + flip CAMs of the stage-one network for IRN (stage2.md §1.2).
+"""make_cam: multi-scale + flip CAMs of the stage-one network for IRN.
 
 Writes ``<cam_out_dir>/<id>.npy`` = ``{"keys", "cam", "high_res"}`` (plain numpy; see
 ``irn.steps.common.save_cam_dict``) and the folder's ``.provenance.json`` (tools.provenance): a rerun
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from irn.steps.common import per_id, run_split, save_cam_dict
-from tools.checkpoint import load_state_dict_checked, load_torch_file
 from tools.errors import require_file
 from tools.misc import get_device
 from tools.provenance import Provenance, file_id, folder_id, stat_key
+from tools.dataset import dataset_of
 from voc12.data import MSFDataset, image_path, load_cls_labels, read_id_list
 
 VERSION = 1  # output format of cam/<id>.npy; bump when the code changes what it writes
@@ -41,7 +41,7 @@ def cams_from_outputs(outputs: Sequence[torch.Tensor], img_size: Sequence[int], 
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Combine per-scale network outputs into IRN's CAMs.
 
-    outputs: per scale (20, h_s, w_s) flip-merged ReLU maps; img_size (H, W); label (20,).
+    outputs: per scale (C, h_s, w_s) flip-merged ReLU maps; img_size (H, W); label (C,).
     Returns keys (C,) int64 fg indices, cam (C, ceil(H/4), ceil(W/4)), high_res (C, H, W),
     each map divided by its own max + 1e-5.
     """
@@ -59,45 +59,18 @@ def cams_from_outputs(outputs: Sequence[torch.Tensor], img_size: Sequence[int], 
     return keys.cpu().numpy().astype(np.int64), cam.cpu().numpy(), high.cpu().numpy()
 
 
-def build_cam_network(weights_name: str, width: float | None = None) -> torch.nn.Module:
-    """Stage-one ``Net_gpp`` loaded strictly from ``<weights_name>.pth`` (a plain state_dict).
+def build_cam_network(weights_name: str, width: float | None = None, model: str = "ktse") -> torch.nn.Module:
+    """Stage-one network loaded strictly from ``<weights_name>.pth`` (a plain state_dict, or a training
+    state holding one), in eval mode. ``width`` None: read from the checkpoint's shapes, so toy-width
+    stage-one checkpoints load without extra flags. ``model``: ``--cam_network`` (models/registry.py)."""
+    from models.resnet38d import load_stage_one
 
-    ``width`` None: inferred from the checkpoint (``conv1a`` channels / 64), so toy-width
-    stage-one checkpoints load without extra flags.
-    """
-    from models.resnet38d import Net_gpp
-
-    path = cam_weights_path(weights_name)
-    sd = load_torch_file(path, what="stage-one checkpoint (Net_gpp state_dict)", hint=CAM_WEIGHTS_HINT)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-    d = int(sd["fc8.weight"].shape[0]) if "fc8.weight" in sd else 256
-    if width is None:
-        width = _infer_width(sd, d)
-    net = Net_gpp(D=d, width=width)
-    load_state_dict_checked(net, sd, strict=True, what=f"stage-one checkpoint {path}")
-    return net.eval()
-
-
-def _infer_width(sd: dict, d: int) -> float:
-    """The width multiplier whose channel counts fit ``sd`` (tried: conv1a/64, bn7/4096, 1.0)."""
-    from models.resnet38d import scaled_channels
-
-    cands = [1.0]
-    if "conv1a.weight" in sd:
-        cands.insert(0, float(sd["conv1a.weight"].shape[0]) / 64.0)
-    if "bn7.weight" in sd:
-        cands.insert(0, float(sd["bn7.weight"].shape[0]) / 4096.0)
-    for w in cands:
-        if all(k not in sd or int(sd[k].shape[0]) == scaled_channels(c, w)
-               for k, c in (("conv1a.weight", 64), ("b4.conv_branch2a.weight", 512), ("bn7.weight", 4096))):
-            return w
-    return cands[0]  # the strict load below then names the mismatching keys
+    return load_stage_one(cam_weights_path(weights_name), width=width, model=model,
+                          what="stage-one checkpoint (Net_gpp state_dict)", hint=CAM_WEIGHTS_HINT)
 
 
 def flip_merged_cam(net: torch.nn.Module, pair: torch.Tensor) -> torch.Tensor:
-    """pair (2,3,h,w) = [image, flipped image] → ReLU(cam[0] + flip(cam[1])) (20, h/8, w/8)."""
+    """pair (2,3,h,w) = [image, flipped image] → ReLU(cam[0] + flip(cam[1])) (C, h/8, w/8)."""
     cam = net.forward_cam(pair)
     return F.relu(cam[0] + cam[1].flip(-1))
 
@@ -109,9 +82,14 @@ def _identity(x: Any) -> Any:
 def _worker(ids: list[str], args: Any, device: torch.device, rank: int) -> None:
     if not ids:
         return
-    net = build_cam_network(args.cam_weights_name, getattr(args, "cam_width", None)).to(device)
-    ds = MSFDataset(ids, args.voc12_root, load_cls_labels(args.cls_labels), scales=tuple(args.cam_scales),
-                    labels_source=str(args.cls_labels))
+    from models.cam_infer import check_class_count
+
+    info = dataset_of(args)
+    net = build_cam_network(args.cam_weights_name, getattr(args, "cam_width", None),
+                            getattr(args, "cam_network", "ktse")).to(device)
+    check_class_count(net, info, cam_weights_path(args.cam_weights_name))
+    ds = MSFDataset(ids, args.voc12_root, load_cls_labels(args.cls_labels, info), scales=tuple(args.cam_scales),
+                    labels_source=str(args.cls_labels), dataset=info)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=min(args.num_workers, 4),
                                          collate_fn=_identity)
     out_dir = Path(args.cam_out_dir)
@@ -145,14 +123,15 @@ def provenance(args: Any) -> Provenance:
                       {"stage-one checkpoint": file_id(ckpt, content=True),
                        "cls_labels": file_id(args.cls_labels, content=True), "voc12_root": folder_id(args.voc12_root)},
                       {"cam_scales": [float(s) for s in args.cam_scales],
-                       "cam_width": getattr(args, "cam_width", None)})
+                       "cam_width": getattr(args, "cam_width", None), "dataset": dataset_of(args).name})
 
 
 def run(args: Any) -> None:
     ids = read_id_list(args.train_list)
     prov = provenance(args)
     outputs = per_id(args.cam_out_dir, ".npy")
-    plan = prov.start(ids, outputs, lambda i: stat_key(image_path(args.voc12_root, i)), args.overwrite, "CAMs")
+    info = dataset_of(args)
+    plan = prov.start(ids, outputs, lambda i: stat_key(image_path(args.voc12_root, i, info)), args.overwrite, "CAMs")
     print(f"make_cam: {len(plan.todo)} of {len(ids)} images to do -> {args.cam_out_dir}")
     if plan.todo:
         Path(args.cam_out_dir).mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
-"""make_sem_seg_labels: random-walk pseudo-labels from CAMs and IRN boundaries (stage2.md §1.7).
+"""make_sem_seg_labels: random-walk pseudo-labels from CAMs and IRN boundaries.
 
-Writes ``<sem_seg_out_dir>/<id>.png`` (uint8 "L", VOC ids 0..20, no palette) and
+Writes ``<sem_seg_out_dir>/<id>.png`` (uint8 "L", class indices 0..C, no palette) and
 ``<score_dir>/<id>.pt`` = ``torch.save({"pred": np.int64 (H,W), "score": CPU float32 tensor
 (C+1,H,W), "keys": np.int64 (C+1,)})`` — the reference saved ``score`` as a CUDA tensor — and a
 ``.provenance.json`` in both folders (tools.provenance): an image is reused only while the IRN weights,
@@ -24,6 +24,7 @@ from tools.errors import require_file
 from tools.io import atomic_torch_save, save_png
 from tools.misc import get_device
 from tools.provenance import Provenance, file_id, folder_id, report, stat_key, upstream_id
+from tools.dataset import dataset_of
 from voc12.data import image_path, read_id_list
 
 VERSION = 1  # output format of sem_seg/<id>.png and score/<id>.pt; bump when the code changes them
@@ -34,9 +35,10 @@ def _identity(x: Any) -> Any:
 
 
 def rw_mode_for(mode: str, device: torch.device) -> str:
-    """``auto`` → dense (reference) on CUDA, sparse on CPU."""
+    """``auto`` stays ``auto`` on CUDA (per image: dense, else chunked, else sparse, whichever fits the free
+    memory: :func:`irn.random_walk.choose_rw_mode`) and is sparse on CPU."""
     if mode == "auto":
-        return "dense" if device.type == "cuda" else "sparse"
+        return "auto" if device.type == "cuda" else "sparse"
     return mode
 
 
@@ -68,12 +70,13 @@ def _worker(ids: list[str], args: Any, device: torch.device, rank: int) -> None:
         return
     model = load_edge_model(args, device)
     mode = rw_mode_for(args.rw_mode, device)
-    loader = torch.utils.data.DataLoader(ImageFlipDataset(ids, args.voc12_root), batch_size=None, shuffle=False,
+    info = dataset_of(args)
+    loader = torch.utils.data.DataLoader(ImageFlipDataset(ids, args.voc12_root, info), batch_size=None, shuffle=False,
                                          num_workers=min(args.num_workers, 2), collate_fn=_identity)
     sem_dir, score_dir = Path(args.sem_seg_out_dir), Path(args.score_dir)
     with torch.no_grad():
         for name, pair in tqdm(loader, desc=f"make_sem_seg[{rank}]", position=rank, disable=args.quiet):
-            cam_dict = load_cam_dict(Path(args.cam_out_dir) / f"{name}.npy")
+            cam_dict = load_cam_dict(Path(args.cam_out_dir) / f"{name}.npy", info.num_fg)
             pred, score, keys = sem_seg_for_image(model, torch.from_numpy(pair).to(device), cam_dict, args, mode)
             atomic_torch_save({"pred": pred, "score": score, "keys": keys}, score_dir / f"{name}.pt")
             save_png(sem_dir / f"{name}.png", pred.astype(np.uint8))
@@ -98,7 +101,7 @@ def run(args: Any) -> None:
     cam_dir = Path(args.cam_out_dir)
 
     def item(i: str) -> list | None:
-        return stat_key(image_path(args.voc12_root, i), cam_dir / f"{i}.npy")
+        return stat_key(image_path(args.voc12_root, i, dataset_of(args)), cam_dir / f"{i}.npy")
 
     sem = provenance(args, args.sem_seg_out_dir)
     score = provenance(args, args.score_dir)

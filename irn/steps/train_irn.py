@@ -1,4 +1,4 @@
-"""train_irn: train the IRN boundary + displacement heads on the ir_label seeds (stage2.md §1.6).
+"""train_irn: train the IRN boundary + displacement heads on the ir_label seeds.
 
 Faithful schedule: SGD with two groups (edge heads lr, displacement heads 10× lr), weight
 decay 1e-4, poly decay ``lr0·(1 − step/max_step)^0.9`` before every step, and — the
@@ -9,7 +9,10 @@ After training, ``mean_shift.running_mean`` = mean displacement over ``infer_lis
 loss buffers) is saved to ``irn_weights_name``, with its record ``.res50_irn.pth.provenance.json``
 beside it (tools.provenance). A rerun skips training when the record matches; when the IR labels or a
 setting changed it stops with an error naming the change (``--overwrite`` retrains): finished weights
-are never replaced silently.
+are never replaced silently. An interrupted training leaves ``<irn_weights_name>.resume`` after each
+epoch (model, optimizer, step, RNG states and the loader's shuffling generator: a ``--resume true``
+run sees the same batches as an uninterrupted one). SGD, poly LR and the training state come from
+tools.runtime / tools.train_state.
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from tqdm import tqdm
 from irn.data import AffinityDataset, TopLeftCropDataset
 from irn.net.resnet50_irn import AffinityDisplacementLoss
 from irn.path_index import PathIndex
-from tools.checkpoint import load_torch_file
 from tools.errors import DataError, WSSSError, require_dir
 from tools.io import atomic_torch_save
-from tools.misc import get_device, poly_lr, seed_everything
+from tools.misc import seed_everything
+from tools.runtime import PolySchedule, poly_sgd, select_device
+from tools.train_state import load_training_state, save_training_state, set_rng_state
 from tools.provenance import Provenance, file_id, folder_id, ids_id, upstream_id
+from tools.dataset import dataset_of
 from voc12.data import read_id_list
 
 VERSION = 1  # format of res50_irn.pth; bump when the code changes what training produces
@@ -83,11 +88,12 @@ def build_model(args: Any) -> AffinityDisplacementLoss:
 
 def _optimizer(model: AffinityDisplacementLoss, args: Any) -> torch.optim.SGD:
     edge_params, dp_params = model.trainable_parameters()
-    momentum = 0.9 if args.irn_fix_momentum else args.irn_weight_decay  # reference: wd lands in the momentum slot
-    return torch.optim.SGD([
+    # reference: the weight decay lands in SGD's momentum slot (--irn_fix_momentum: real momentum 0.9)
+    return poly_sgd([
         {"params": edge_params, "lr": args.irn_learning_rate, "weight_decay": args.irn_weight_decay},
         {"params": dp_params, "lr": 10 * args.irn_learning_rate, "weight_decay": args.irn_weight_decay},
-    ], lr=args.irn_learning_rate, momentum=momentum)
+    ], lr=args.irn_learning_rate, weight_decay=args.irn_weight_decay, momentum=0.9,
+        momentum_quirk=not args.irn_fix_momentum)
 
 
 def backbone_init_file(args: Any) -> Path | None:
@@ -141,30 +147,34 @@ def run(args: Any) -> None:
     # file then always means "saved by this training, killed before the record was completed"
     out.unlink(missing_ok=True)
     seed_everything(args.seed)
-    device = get_device(args.device)
+    device = select_device(args.device)
     require_dir(args.ir_label_out_dir, "ir_label folder", "run cam_to_ir_label first")
     ids = read_id_list(args.train_list)
     model = build_model(args)
     ds = AffinityDataset(ids, args.voc12_root, args.ir_label_out_dir, model.path_index,
-                         crop_size=args.irn_crop_size, rescale=(0.5, 1.5), hor_flip=True, seed=args.seed)
+                         crop_size=args.irn_crop_size, rescale=(0.5, 1.5), hor_flip=True, seed=args.seed,
+                         dataset=dataset_of(args))
     batch = args.irn_batch_size
     if len(ds) < batch:
         # the reference (drop_last) would train zero steps on such a set
         print(f"train_irn: only {len(ds)} training images < batch {batch}; using batch {len(ds)}")
         batch = len(ds)
+    gen = torch.Generator().manual_seed(args.seed)  # the shuffling order; saved in the resume state
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=args.num_workers,
-                                         pin_memory=device.type == "cuda", drop_last=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
+                                         pin_memory=device.type == "cuda", drop_last=True, generator=gen)
     max_step = (len(ds) // batch) * args.irn_num_epoches
     model = model.to(device)
     opt = _optimizer(model, args)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    schedule = PolySchedule.for_optimizer(opt, max_step, 0.9)
     step, start_ep = 0, 0
     if resume:
-        st = load_torch_file(resume_path, "IRN training state", "run without --resume to start over")
+        st = load_training_state(resume_path, "IRN training state", "run without --resume to start over",
+                                 required=("model", "optimizer", "step", "epoch"), written_by="train_irn")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         step, start_ep = st["step"], st["epoch"] + 1
+        if "rng" in st:  # states written before the RNG was saved resume with fresh random numbers
+            set_rng_state(st["rng"], {"loader": gen})
         print(f"train_irn: resumed from {resume_path} at epoch {start_ep}, step {step}")
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 1
     net = torch.nn.DataParallel(model) if gpus > 1 else model
@@ -178,9 +188,7 @@ def run(args: Any) -> None:
             fg = pack["aff_fg_pos_label"].to(device, non_blocking=True)
             neg = pack["aff_neg_label"].to(device, non_blocking=True)
             parts = irn_total_loss(*net(img, True), bg, fg, neg)
-            if step < max_step:
-                for g, lr0 in zip(opt.param_groups, base_lrs):
-                    g["lr"] = poly_lr(lr0, step, max_step, 0.9)
+            schedule.apply(opt, step)
             opt.zero_grad()
             parts["loss_total"].backward()
             opt.step()
@@ -188,8 +196,8 @@ def run(args: Any) -> None:
                 bar.write(f"step {step + 1}/{max_step} " + " ".join(
                     f"{k[5:]}:{v.item():.4f}" for k, v in parts.items()) + f" lr:{opt.param_groups[0]['lr']:.4g}")
             step += 1
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": ep},
-                          resume_path)
+        save_training_state(resume_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                           "epoch": ep}, generators={"loader": gen})
     set_mean_shift(model, args, device)
     atomic_torch_save(model.state_dict(), out)
     prov.finish()
@@ -200,7 +208,7 @@ def run(args: Any) -> None:
 def set_mean_shift(model: AffinityDisplacementLoss, args: Any, device: torch.device) -> None:
     """``mean_shift.running_mean`` := mean over batches of the per-batch mean displacement on infer_list."""
     ids = read_id_list(args.infer_list)
-    ds = TopLeftCropDataset(ids, args.voc12_root, crop_size=args.irn_crop_size)
+    ds = TopLeftCropDataset(ids, args.voc12_root, crop_size=args.irn_crop_size, dataset=dataset_of(args))
     batch = min(args.irn_batch_size, len(ds))  # reference drop_last would give no batch on tiny sets
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=args.num_workers,
                                          drop_last=True)

@@ -1,4 +1,4 @@
-"""BECO datasets (stage2.md §2.4): pseudo-label + confidence-mask training set and the resized val set.
+"""BECO datasets: pseudo-label + confidence-mask training set and the resized val set.
 
 Images and ground truth come from :mod:`voc12.data`; pseudo-labels (IRN ``sem_seg/<id>.png``) and
 confidence masks (``mask_irn/<id>.png``) are read here because only this stage reads them.
@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from tools.errors import DataError, require_dir, require_file
 from tools.imutils import normalize_imagenet, read_label_png
+from tools.dataset import DatasetInfo, get_dataset
 from voc12.data import load_gt, load_image
 
 __all__ = ["PseudoMaskTrainSet", "ResizedValSet", "read_confidence_mask", "read_pseudo_label",
@@ -73,8 +74,10 @@ class PseudoMaskTrainSet(Dataset):
 
     def __init__(self, root: os.PathLike | str, ids: Sequence[str], label_dir: os.PathLike | str,
                  mask_dir: os.PathLike | str | None, crop_size: int = 512,
-                 scale: Sequence[float] = (0.5, 0.75), ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
+                 scale: Sequence[float] = (0.5, 0.75), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 dataset: DatasetInfo | str = "voc12") -> None:
         self.root = Path(root)
+        self.dataset = get_dataset(dataset)
         self.ids = list(ids)
         self.label_dir = require_dir(label_dir, "pseudo-label folder", IRN_HINT)
         self.mask_dir = None if mask_dir is None else require_dir(mask_dir, "confidence-mask folder", IRN_HINT)
@@ -89,7 +92,7 @@ class PseudoMaskTrainSet(Dataset):
 
     def __getitem__(self, i: int):
         name = self.ids[i]
-        img = Image.fromarray(load_image(self.root, name))
+        img = Image.fromarray(load_image(self.root, name, self.dataset))
         lab_arr = read_pseudo_label(self.label_dir / f"{name}.png")
         if lab_arr.shape != (img.height, img.width):
             raise DataError(f"pseudo-label {self.label_dir / (name + '.png')} is {lab_arr.shape}, "
@@ -115,19 +118,20 @@ class ResizedValSet(Dataset):
     ``size=0`` keeps the original size (batch size 1 then)."""
 
     def __init__(self, root: os.PathLike | str, ids: Sequence[str], size: int = 512,
-                 label_folder: str = "SegmentationClassAug") -> None:
+                 label_folder: str | None = None, dataset: DatasetInfo | str = "voc12") -> None:
         self.root = Path(root)
         self.ids = list(ids)
         self.size = int(size)
-        self.label_folder = label_folder
+        self.dataset = get_dataset(dataset)
+        self.label_folder = label_folder or self.dataset.aug_gt_folder  # VOC: SegmentationClassAug
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int):
         name = self.ids[i]
-        img = Image.fromarray(load_image(self.root, name))
-        lab = Image.fromarray(load_gt(self.root, name, folder=self.label_folder))
+        img = Image.fromarray(load_image(self.root, name, self.dataset))
+        lab = Image.fromarray(load_gt(self.root, name, folder=self.label_folder, dataset=self.dataset))
         if self.size > 0:
             img = img.resize((self.size, self.size), Image.BILINEAR)
             lab = lab.resize((self.size, self.size), Image.NEAREST)

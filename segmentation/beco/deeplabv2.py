@@ -1,8 +1,8 @@
-"""DeepLabV2 as BECO builds it: a dilated ResNet ("resnet-B") + the DeepLab-v2 ASPP sum (stage2.md §2.3).
+"""DeepLabV2 as BECO builds it: a dilated ResNet ("resnet-B") + the DeepLab-v2 ASPP sum.
 
 Attribute names equal the reference state_dict keys (``backbone.stem_layer.conv1.weight``,
 ``backbone.layer3.22.bn3.running_var``, ``aspp.c0.weight`` ...; full list in
-``shared/reference/stage2/deeplabv2_keys.json``), so a released ``best_ckpt_752.pth`` loads strictly.
+``tests/fixtures/reference/stage2/deeplabv2_keys.json``), so a released ``best_ckpt_752.pth`` loads strictly.
 
 The default is the reference ResNet-101 at output stride 8. Smaller depths (18/34/50) and a narrower
 base width exist only so the stage trains in minutes on a CPU (toy runs, tests); they keep the same
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tools import dist as tdist
 from tools.checkpoint import load_state_dict_checked, load_torch_file
 from tools.provenance import sha256_file
+from voc12.dataset import VOC12
 
 __all__ = ["DeepLabV2", "ResNetBackbone", "build_deeplabv2", "imagenet_to_backbone_keys",
            "load_imagenet_backbone", "check_imagenet_file", "expected_sha256_prefix", "BACKBONES", "IMAGENET_URLS"]
@@ -194,7 +195,7 @@ class DeepLabV2(nn.Module):
     ``pre_logits`` (B,C,h,w) at stride 8 (conv arithmetic: 97x129 -> 13x17, 512 -> 64) and
     ``logits`` = bilinear(pre_logits -> (H, W), align_corners=False)."""
 
-    def __init__(self, num_classes: int = 21, backbone: str = "resnet101", output_stride: int = 8,
+    def __init__(self, num_classes: int = VOC12.num_classes, backbone: str = "resnet101", output_stride: int = 8,
                  rates: Sequence[int] = (6, 12, 18, 24), width: int = 64) -> None:
         super().__init__()
         self.backbone = ResNetBackbone(backbone, output_stride, width)
@@ -209,7 +210,7 @@ class DeepLabV2(nn.Module):
 
 
 def imagenet_to_backbone_keys(sd: dict) -> dict:
-    """torchvision ImageNet ResNet keys -> BECO backbone keys (§2.3): drop ``*num_batches_tracked``
+    """torchvision ImageNet ResNet keys -> BECO backbone keys, the reference's renaming: drop ``*num_batches_tracked``
     and ``fc.*``; keys naming neither a ``layer`` nor ``fc`` get the ``stem_layer.`` prefix."""
     out = {}
     for k, v in sd.items():
@@ -266,7 +267,7 @@ def load_imagenet_backbone(backbone: ResNetBackbone, path: str | os.PathLike, de
     load_state_dict_checked(backbone, mapped, strict=True, what=f"ImageNet weights {path}")
 
 
-def build_deeplabv2(num_classes: int = 21, backbone: str = "resnet101", output_stride: int = 8,
+def build_deeplabv2(num_classes: int = VOC12.num_classes, backbone: str = "resnet101", output_stride: int = 8,
                     rates: Sequence[int] = (6, 12, 18, 24), width: int = 64,
                     pretrained: str | os.PathLike | None = None) -> DeepLabV2:
     """A DeepLabV2, optionally initialised from torchvision ImageNet weights at ``pretrained``."""

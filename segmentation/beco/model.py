@@ -1,4 +1,4 @@
-"""The BECO co-training model (stage2.md §2.5, §2.7, §2.8): two DeepLabV2 networks, class-mix with the
+"""The BECO co-training model, as the reference trains and tests it: two DeepLabV2 networks, class-mix with the
 warm-up rule, online labels/masks, boundary weighting, confident-pixel CE + cross pseudo supervision,
 strong colour augmentation, and the two-net (multi-scale) test path.
 """
@@ -220,7 +220,7 @@ def _choose_classes(src_label: np.ndarray, ignore_bg: bool) -> np.ndarray:
 def class_mix_batch(img: torch.Tensor, label: torch.Tensor, mask: torch.Tensor, st: BECOSettings,
                     warm: bool, online_label: torch.Tensor | None = None,
                     online_mask: torch.Tensor | None = None):
-    """Class-mix (stage2.md §2.5 step 2). Pairs (i, i + B/2); outputs in the order
+    """Class-mix, the second step of a BECO training step. Pairs (i, i + B/2); outputs in the order
     [mix(a_i <- b_i), mix(b_i <- a_i)] for every pair. Each output mixes with probability ``mix_prob``
     (``random.random()``); unmixed outputs keep the target's offline label and mask and a zero boundary.
 

@@ -1,19 +1,26 @@
 """Scoring of stage-one seeds: the reference background-threshold sweep over CAM dictionaries and the
-single-pass scoring of CRF/DeepLab dictionaries and label PNGs (stage1.md §6).
+single-pass scoring of CRF/DeepLab dictionaries and label PNGs (used by evaluation.py and training's
+in-loop validation; docs/internals.md, "Experiment layout, metrics and evaluation").
 
 Everything here is numpy-only (no torch import), so evaluation worker processes start quickly.
 
 The sweep is done in **one pass per image**: for the reference prediction at threshold t,
 ``argmax([t, cam_0 .. cam_19])`` (float32, first index wins, so ``cam == t`` is background), every
-pixel has a fixed foreground winner ``f`` (argmax over the 20 class channels, ties to the lower class)
+pixel has a fixed foreground winner ``f`` (argmax over the C class channels, ties to the lower class)
 with score ``m``; it is predicted ``f`` for every threshold ``t < m`` and background otherwise. So one
 ``np.bincount`` over ``(k, gt, f)`` with ``k = #{t : t < m}`` holds the confusion matrices of all
 thresholds; they are recovered by cumulative sums (:func:`sweep_confusions`). The counts add up over
 images, so workers return a single small array each.
 
+:func:`sweep_counts_plain` is that definition in a few lines (``np.searchsorted`` + ``np.bincount``);
+:func:`sweep_counts`, used by default, gives the same counts about 5x faster per image (a bucket table on
+the float32 bits, uint16 indices, reused buffers), with worker processes that keep their freed heap
+(:mod:`tools.malloc`). The tests hold the two equal; ``bench/eval_speed.py`` times them.
+
 Per-threshold confusion matrices follow :func:`tools.metrics.confusion_matrix` (rows gt, columns
 prediction, 255 ignored); IoU/mIoU come from :func:`tools.metrics.iou_from_confusion` (reference
-formula ``TP / (T + P - TP + 1e-10)``, mIoU = mean over all 21 classes).
+formula ``TP / (T + P - TP + 1e-10)``, mIoU = mean over all C + 1 classes; C from the dataset
+descriptor, 20 for VOC).
 """
 from __future__ import annotations
 
@@ -28,11 +35,12 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from tools.errors import DataError, require_file
-from tools.imutils import CAT_NAMES_BG, read_gt_png, read_label_png
+from tools.dataset import DatasetInfo, get_dataset
+from tools.imutils import read_gt_png, read_label_png
 from tools.malloc import retain_freed_memory
-from tools.metrics import confusion_matrix, iou_from_confusion, scores
+from tools.metrics import confusion_matrix, iou_from_confusion, metrics_record, scores
+from voc12.dataset import VOC12
 
-NUM_CLASSES = 21  # background + 20 VOC classes
 IGNORE_INDEX = 255
 #: The reference sweep: t = i/100 for i = 10 .. 29.
 REFERENCE_THRESHOLDS: tuple[float, ...] = tuple(i / 100 for i in range(10, 30))
@@ -76,10 +84,10 @@ def _check_size(name: str, arr: np.ndarray, gt: np.ndarray, path: object) -> Non
 
 
 def cam_winner(cam_dict: dict[int, np.ndarray], gt_shape: tuple[int, int], path: object = "",
-               need_zero_channels: bool = False) -> tuple[np.ndarray, np.ndarray | int]:
-    """Foreground winner of a CAM dict: ``(m, f)`` with ``m`` the max over the 20 class channels
+               need_zero_channels: bool = False, num_fg: int = VOC12.num_fg) -> tuple[np.ndarray, np.ndarray | int]:
+    """Foreground winner of a CAM dict: ``(m, f)`` with ``m`` the max over the ``num_fg`` class channels
     (absent keys are zero channels) as float32 ``(H, W)`` and ``f`` the 1-based label of the first
-    channel reaching it (ties to the lower class index, as ``argmax`` on the reference's 21-channel
+    channel reaching it (ties to the lower class index, as ``argmax`` on the reference's C+1-channel
     tensor): a uint8 ``(H, W)`` array, or a plain int when one class wins everywhere.
 
     With only positive thresholds the zero channels of absent classes can never win (a pixel whose
@@ -91,16 +99,17 @@ def cam_winner(cam_dict: dict[int, np.ndarray], gt_shape: tuple[int, int], path:
     keys = sorted(int(k) for k in cam_dict)
     maps = []
     for k in keys:
-        if not 0 <= k < NUM_CLASSES - 1:
-            raise DataError(f"prediction '{path}' has key {k}; CAM dictionary keys are class indices 0..19.")
+        if not 0 <= k < num_fg:
+            raise DataError(f"prediction '{path}' has key {k}; CAM dictionary keys are class indices "
+                            f"0..{num_fg - 1}.")
         v = np.asarray(cam_dict[k])
         if v.shape != tuple(gt_shape):
             _check_size(f"key {k}", v, np.empty(gt_shape), path)
         maps.append((k, v.astype(np.float32, copy=False)))
-    if need_zero_channels and len(keys) < NUM_CLASSES - 1:
+    if need_zero_channels and len(keys) < num_fg:
         present = dict(maps)
         zero = np.zeros((h, w), np.float32)
-        maps = [(k, present.get(k, zero)) for k in range(NUM_CLASSES - 1)]
+        maps = [(k, present.get(k, zero)) for k in range(num_fg)]
     if not maps:
         return np.zeros((h, w), np.float32), 1
     k0, m = maps[0]
@@ -118,14 +127,16 @@ def cam_winner(cam_dict: dict[int, np.ndarray], gt_shape: tuple[int, int], path:
     return m, f
 
 
-def label_from_dict(pred_dict: dict[int, np.ndarray], gt_shape: tuple[int, int], path: object = "") -> np.ndarray:
-    """Tasks crf/dl: the dict's keys already include background (0); argmax over 21 channels where
-    absent keys are zero channels (first index wins). Returns ``(H, W)`` int64."""
-    stack = np.zeros((NUM_CLASSES,) + tuple(gt_shape), np.float32)
+def label_from_dict(pred_dict: dict[int, np.ndarray], gt_shape: tuple[int, int], path: object = "",
+                    num_classes: int = VOC12.num_classes) -> np.ndarray:
+    """Tasks crf/dl: the dict's keys already include background (0); argmax over ``num_classes``
+    channels where absent keys are zero channels (first index wins). Returns ``(H, W)`` int64."""
+    stack = np.zeros((num_classes,) + tuple(gt_shape), np.float32)
     for k, v in pred_dict.items():
         k = int(k)
-        if not 0 <= k < NUM_CLASSES:
-            raise DataError(f"prediction '{path}' has key {k}; CRF/DL dictionary keys are 0 (background)..20.")
+        if not 0 <= k < num_classes:
+            raise DataError(f"prediction '{path}' has key {k}; CRF/DL dictionary keys are 0 (background).."
+                            f"{num_classes - 1}.")
         v = np.asarray(v)
         _check_size(f"key {k}", v, np.empty(gt_shape), path)
         stack[k] = v
@@ -144,32 +155,41 @@ def thresholds_f32(thresholds: Sequence[float]) -> np.ndarray:
     return th
 
 
-_K_STRIDE = (NUM_CLASSES + 1) * NUM_CLASSES  # index stride of one threshold step: 22 gt rows x 21 labels
-#: gt -> row for the rare maps holding values 21..254 (row 0 = dropped; gt 0..20 -> rows 1..21).
-_GT_ROWS = np.zeros(256, np.uint16)
-_GT_ROWS[:NUM_CLASSES] = np.arange(1, NUM_CLASSES + 1, dtype=np.uint16) * NUM_CLASSES
+def _k_stride(n: int) -> int:
+    """Index stride of one threshold step: n + 1 gt rows (row 0 = dropped) x n labels (n = C + 1)."""
+    return (n + 1) * n
+
+
+@functools.lru_cache(maxsize=8)
+def _gt_rows(n: int) -> np.ndarray:
+    """gt -> row offset for maps holding values n..254 (row 0 = dropped; gt 0..n-1 -> rows 1..n), times n."""
+    rows = np.zeros(256, np.int64)
+    rows[:n] = np.arange(1, n + 1) * n
+    return rows
+
 _LUT_SIZE = 65536
 _CHUNK = 1 << 18  # pixels per pass (a VOC image is one chunk; bounds the scratch memory for large images)
 
 
 @functools.lru_cache(maxsize=16)
-def _k_lut(th_bytes: bytes) -> tuple[np.int32, np.int32, np.ndarray] | None:
+def _k_lut(th_bytes: bytes, n: int = VOC12.num_classes) -> tuple[np.int32, np.int32, np.ndarray] | None:
     """Bucket table for ``k = #{thresholds < m}`` on float32 bit patterns.
 
     For positive floats the int32 view is monotonic in the value. A pixel's bucket is
     ``(bits >> shift) - base``, clipped to ``[0, 65535]`` by ``np.take(mode='clip')`` (negative floats,
     zeros and tiny values land in bucket 0; large values, infinities and NaN in the last bucket). The
-    uint16 table holds ``k * 462`` where every float of the bucket (and, for the end buckets, every
-    clipped float) has the same k, and the spare slot ``(T + 1) * 462`` where a threshold lies inside the
+    uint16 table holds ``k * stride`` (stride = (n + 1) n, 462 for VOC) where every float of the bucket
+    (and, for the end buckets, every clipped float) has the same k, and the spare slot ``(T + 1) * stride`` where a threshold lies inside the
     bucket. Pixels landing in the spare slot are re-decided exactly with a binary search on their true
     value, so the result is exact whatever the bucket layout. Returns ``(shift, base, table)``, or None
-    (use the binary search everywhere) when a threshold is not a positive finite float or there are
-    more than 139 thresholds.
+    (use the binary search everywhere) when a threshold is not a positive finite float or the joint
+    index would not fit in uint16 (VOC: more than 139 thresholds; COCO's 81 classes: more than 7).
     """
     th = np.frombuffer(th_bytes, np.float32)
     if not (np.all(np.isfinite(th)) and th[0] > 0):
         return None
-    if (th.size + 2) * _K_STRIDE > 65535:  # the joint index would not fit in uint16
+    stride = _k_stride(n)
+    if (th.size + 2) * stride > 65535:  # the joint index would not fit in uint16
         return None
     bits = th.view(np.int32).astype(np.int64)
     span = int(bits[-1] - bits[0]) + 4
@@ -186,7 +206,7 @@ def _k_lut(th_bytes: bytes) -> tuple[np.int32, np.int32, np.ndarray] | None:
     # infinities, NaN (k = T, as the binary search ranks NaN last)
     k[0] = 0 if k_b[0] == 0 else th.size + 1
     k[-1] = th.size if k_a[-1] == th.size else th.size + 1
-    return np.int32(shift), np.int32(base), (k * _K_STRIDE).astype(np.uint16)  # 128 KB: stays in cache
+    return np.int32(shift), np.int32(base), (k * stride).astype(np.uint16)  # 128 KB: stays in cache
 
 
 def threshold_index(m: np.ndarray, th32: np.ndarray) -> np.ndarray:
@@ -205,43 +225,63 @@ def _buffer(name: str, n: int, dtype: type = np.intp) -> np.ndarray:
     return a[:n]
 
 
-def _add_gt_rows(idx: np.ndarray, gt: np.ndarray) -> None:
-    """``idx += row(gt) * 21`` in place: gt 0..20 -> rows 1..21, anything else (255) -> row 0.
+def _add_gt_rows(idx: np.ndarray, gt: np.ndarray, n: int = VOC12.num_classes) -> None:
+    """``idx += row(gt) * n`` in place: gt 0..n-1 -> rows 1..n, anything else (255) -> row 0.
 
-    VOC maps hold only 0..20 and 255, so ``gt + 1`` (uint8, 255 wraps to 0) is the row: two SIMD
-    passes instead of a table gather. Maps with other values take the gather.
+    Ground-truth maps hold only 0..n-1 and 255, so ``gt + 1`` (uint8, 255 wraps to 0) is the row: two
+    SIMD passes instead of a table gather. Maps with other values take the gather.
     """
     rows = _buffer("rows", gt.size, idx.dtype)
     g = _buffer("g", gt.size, np.uint8)
     np.add(gt, np.uint8(1), out=g)
-    if int(g.max(initial=0)) > NUM_CLASSES:
-        np.take(_GT_ROWS.astype(idx.dtype, copy=False), gt, out=rows)
+    if int(g.max(initial=0)) > n:
+        np.take(_gt_rows(n).astype(idx.dtype, copy=False), gt, out=rows)
     else:
-        np.multiply(g, idx.dtype.type(NUM_CLASSES), out=rows, casting="unsafe")
+        np.multiply(g, idx.dtype.type(n), out=rows, casting="unsafe")
     idx += rows
 
 
-def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.ndarray) -> np.ndarray:
-    """Joint counts ``(T+1, 21, 21)`` int64 of ``(k, gt, f)`` where ``k = #{thresholds < m}``.
+def sweep_counts_plain(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.ndarray,
+                       num_classes: int = VOC12.num_classes) -> np.ndarray:
+    """Joint counts ``(T+1, n, n)`` int64 of ``(k, gt, f)``, ``k = #{thresholds < m}``: the definition.
 
     m: ``(H, W)`` float32 best foreground score; f: ``(H, W)`` 1-based foreground label (or an int);
-    gt: ``(H, W)`` uint8 with 255 = ignore (only gt 0..20 is counted). Feed to :func:`sweep_confusions`.
+    gt: ``(H, W)`` uint8 (only 0..n-1 is counted; 255 and other values are dropped; n = num_classes). The comparison is
+    float32 against float32, strict: a score equal to a threshold is background at that threshold, as
+    the reference's argmax (first index wins) decides. NaN ranks above every threshold (k = T).
+    """
+    n, t = num_classes, th32.size
+    k = np.searchsorted(th32, np.asarray(m, np.float32).reshape(-1), side="left")
+    g = np.minimum(np.asarray(gt, np.uint8).reshape(-1), np.uint8(n))  # 255 (and n..254): spare row n
+    lab = np.broadcast_to(np.asarray(f), np.shape(m)).reshape(-1)
+    idx = (k * (n + 1) + g) * n + lab
+    return np.bincount(idx, minlength=(t + 1) * (n + 1) * n).reshape(t + 1, n + 1, n)[:, :n]
+
+
+def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.ndarray,
+                 num_classes: int = VOC12.num_classes) -> np.ndarray:
+    """Joint counts ``(T+1, n, n)`` int64 of ``(k, gt, f)`` where ``k = #{thresholds < m}``.
+
+    m: ``(H, W)`` float32 best foreground score; f: ``(H, W)`` 1-based foreground label (or an int);
+    gt: ``(H, W)`` uint8 with 255 = ignore (only gt 0..n-1 is counted; n = num_classes, background
+    included). Feed to :func:`sweep_confusions`.
 
     Speed: k comes from a 64k-entry bucket table on the float32 bits (:func:`_k_lut`; exact, with a
     binary search for the rare pixels whose bucket holds a threshold). The joint uint16 index
-    ``k * 462 + row(gt) * 21 + f`` is assembled in reused scratch buffers and one ``np.bincount``
-    counts it: a handful of passes per image instead of the reference's 20 argmaxes and 1,260 masked
-    sums. Not thread-safe (per-process scratch buffers); use processes for parallelism.
+    ``k * stride + row(gt) * n + f`` (VOC: ``k * 462 + row(gt) * 21 + f``) is assembled in reused
+    scratch buffers and one ``np.bincount`` counts it: a handful of passes per image instead of the
+    reference's 20 argmaxes and 1,260 masked sums. Not thread-safe (per-process scratch buffers); use processes for parallelism.
     """
-    n, t = NUM_CLASSES, th32.size
+    n, t = num_classes, th32.size
+    stride = _k_stride(n)
     mf = np.ascontiguousarray(m, np.float32).reshape(-1)
     gt = np.ascontiguousarray(gt, np.uint8).reshape(-1)
     fa = None if isinstance(f, (int, np.integer)) else np.ascontiguousarray(f).reshape(-1)
-    spec = _k_lut(th32.tobytes())
+    spec = _k_lut(th32.tobytes(), n)
     # uint16 joint index (a quarter of the memory traffic of intp) whenever the table applies
     dt = np.uint16 if spec is not None else np.intp
     slots = t + 2
-    total = np.zeros(slots * _K_STRIDE, np.int64)
+    total = np.zeros(slots * stride, np.int64)
     amb_fixed = []
     for s in range(0, mf.size, _CHUNK):
         e = min(mf.size, s + _CHUNK)
@@ -253,27 +293,27 @@ def sweep_counts(m: np.ndarray, f: np.ndarray | int, gt: np.ndarray, th32: np.nd
             b -= base
             np.take(lut, b, mode="clip", out=idx)
         else:
-            np.multiply(threshold_index(mf[s:e], th32), _K_STRIDE, out=idx)
-        _add_gt_rows(idx, gt[s:e])
+            np.multiply(threshold_index(mf[s:e], th32), stride, out=idx)
+        _add_gt_rows(idx, gt[s:e], n)
         if fa is not None:
             np.add(idx, fa[s:e], out=idx, casting="unsafe")
         else:
             idx += dt(int(f))
-        c = np.bincount(idx, minlength=slots * _K_STRIDE)
-        if spec is not None and c[(t + 1) * _K_STRIDE:].any():  # pixels whose bucket holds a threshold:
-            amb = np.flatnonzero(idx >= (t + 1) * _K_STRIDE)  # decide them exactly
-            fixed = idx[amb].astype(np.int64) - (t + 1) * _K_STRIDE
-            fixed += threshold_index(mf[s:e][amb], th32) * _K_STRIDE
+        c = np.bincount(idx, minlength=slots * stride)
+        if spec is not None and c[(t + 1) * stride:].any():  # pixels whose bucket holds a threshold:
+            amb = np.flatnonzero(idx >= (t + 1) * stride)  # decide them exactly
+            fixed = idx[amb].astype(np.int64) - (t + 1) * stride
+            fixed += threshold_index(mf[s:e][amb], th32) * stride
             amb_fixed.append(fixed)
         total += c
     total = total.reshape(slots, n + 1, n)[: t + 1]
     for fixed in amb_fixed:
-        total += np.bincount(fixed, minlength=(t + 1) * _K_STRIDE).reshape(t + 1, n + 1, n)
+        total += np.bincount(fixed, minlength=(t + 1) * stride).reshape(t + 1, n + 1, n)
     return total[:, 1:, :]
 
 
 def sweep_confusions(counts: np.ndarray) -> np.ndarray:
-    """Per-threshold confusion matrices ``(T, 21, 21)`` from :func:`sweep_counts` output.
+    """Per-threshold confusion matrices ``(T, n, n)`` from :func:`sweep_counts` output.
 
     At threshold i a pixel with ``k > i`` keeps its foreground label; one with ``k <= i`` becomes
     background (column 0) — identical to ``confusion_matrix(argmax([t_i, cams]), gt)``.
@@ -290,10 +330,10 @@ def sweep_confusions(counts: np.ndarray) -> np.ndarray:
 
 
 def cam_counts_for_image(cam_dict: dict[int, np.ndarray], gt: np.ndarray, th32: np.ndarray,
-                         path: object = "") -> np.ndarray:
-    """Sweep counts of one image (see :func:`sweep_counts`)."""
-    m, f = cam_winner(cam_dict, gt.shape, path, need_zero_channels=bool(th32[0] <= 0))
-    return sweep_counts(m, f, gt, th32)
+                         path: object = "", plain: bool = False, num_classes: int = VOC12.num_classes) -> np.ndarray:
+    """Sweep counts of one image (:func:`sweep_counts`, or :func:`sweep_counts_plain` with ``plain``)."""
+    m, f = cam_winner(cam_dict, gt.shape, path, need_zero_channels=bool(th32[0] <= 0), num_fg=num_classes - 1)
+    return (sweep_counts_plain if plain else sweep_counts)(m, f, gt, th32, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +342,7 @@ def cam_counts_for_image(cam_dict: dict[int, np.ndarray], gt: np.ndarray, th32: 
 
 def reference_iou_miou(hist: np.ndarray) -> tuple[np.ndarray, float]:
     """Reference figures from one confusion matrix: per-class IoU (fraction) and mIoU in percent
-    (``np.mean`` of the 21 IoUs, times 100, as ``do_python_eval``)."""
+    (``np.mean`` of the C+1 IoUs, times 100, as ``do_python_eval``)."""
     iou = iou_from_confusion(hist)
     return iou, float(np.mean(iou) * 100)
 
@@ -314,10 +354,11 @@ class SweepResult:
     task: str
     ids: list[str]
     thresholds: list[float]
-    hists: np.ndarray  # (T, 21, 21) int64 (T = 1 for single-pass tasks)
+    hists: np.ndarray  # (T, n, n) int64 (T = 1 for single-pass tasks; n = C + 1)
     miou: list[float] = field(default_factory=list)  # percent, per threshold
-    iou: np.ndarray | None = None  # (T, 21) percent
+    iou: np.ndarray | None = None  # (T, n) percent
     best_index: int = 0
+    categories: tuple[str, ...] = VOC12.names_bg  # names of the n classes, background first
 
     def __post_init__(self) -> None:
         ious, mious = [], []
@@ -359,35 +400,24 @@ class SweepResult:
         i_row = self.best_index if index is None else index
         iou = self.iou[i_row]
         out = []
-        for i, name in enumerate(CAT_NAMES_BG):
+        for i, name in enumerate(self.categories):
             out.append("%11s:%7.3f%%" % (name, iou[i]) + ("\t" if i % 2 != 1 else "\n"))
         out.append("\n" + "=" * 54 + "\n")
         out.append("%11s:%7.3f%%\n" % ("mIoU", self.miou[i_row]))
         return "".join(out)
 
     def to_json(self) -> dict:
-        """Machine-readable summary (written to ``experiments/<name>/eval_<task>.json``)."""
+        """The metrics record (:func:`tools.metrics.metrics_record`, mean over all C+1 classes) at the
+        best threshold, plus the sweep: ``thresholds``, ``best_th``, ``miou_by_threshold`` and
+        ``iou_by_threshold`` (percent) and the stage-one per-class extras at the best threshold."""
         h = self.hists[self.best_index]
         extra = scores(h)
-        return {
-            "task": self.task,
-            "num_images": len(self.ids),
-            "categories": list(CAT_NAMES_BG),
-            "thresholds": list(self.thresholds),
-            "miou": list(self.miou),
-            "best_th": self.best_th,
-            "best_miou": self.best_miou,
-            "iou_at_best": [float(v) for v in self.iou[self.best_index]],
-            "iou_at_best_by_class": {n: float(v) for n, v in zip(CAT_NAMES_BG, self.iou[self.best_index])},
-            "iou": self.iou.tolist(),
-            "miou_present_at_best": extra["miou_present"] * 100,
-            "pixel_acc_at_best": extra["pixel_acc"] * 100,
-            "t_over_tp_at_best": extra["t_over_tp"].tolist(),
-            "p_over_tp_at_best": extra["p_over_tp"].tolist(),
-            "fp_share_at_best": extra["fp_share"].tolist(),
-            "fn_share_at_best": extra["fn_share"].tolist(),
-            "confusion_at_best": h.tolist(),
-        }
+        return metrics_record(
+            h, "all", n_images=len(self.ids), task=self.task, categories=list(self.categories),
+            thresholds=list(self.thresholds), best_th=self.best_th, miou_by_threshold=list(self.miou),
+            iou_by_threshold=self.iou.tolist(), miou_present=extra["miou_present"] * 100,
+            t_over_tp=extra["t_over_tp"].tolist(), p_over_tp=extra["p_over_tp"].tolist(),
+            fp_share=extra["fp_share"].tolist(), fn_share=extra["fn_share"].tolist())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,17 +430,17 @@ class _Job:
     pred_dir: str
     gt_dir: str
     th32: np.ndarray | None
+    plain: bool = False
+    dataset: str = VOC12.name  # a registry name: the job is pickled to the workers
 
 
-def _gt_path(gt_dir: str, img_id: str) -> Path:
-    return Path(gt_dir) / f"{img_id}.png"
-
-
-def _read_gt(gt_dir: str, img_id: str) -> np.ndarray:
-    p = _gt_path(gt_dir, img_id)
+def _read_gt(gt_dir: str, img_id: str, dataset: DatasetInfo | str = VOC12) -> np.ndarray:
+    ds = get_dataset(dataset)
+    p = ds.gt_path(gt_dir, img_id)
     require_file(p, "ground-truth label map",
-                 "Evaluation reads <gt_dir>/<id>.png (default <data_root>/SegmentationClass); check --gt_dir/--list.")
-    return read_gt_png(p)
+                 f"Evaluation reads the mask of each listed id under <gt_dir> (default <data_root>/{ds.gt_folder}); "
+                 "check --gt_dir/--list/--dataset.")
+    return read_gt_png(p, ds.num_classes)
 
 
 def pred_path(task: str, pred_dir: os.PathLike | str, img_id: str) -> Path:
@@ -419,13 +449,14 @@ def pred_path(task: str, pred_dir: os.PathLike | str, img_id: str) -> Path:
 
 
 def image_counts(job: _Job, img_id: str) -> np.ndarray:
-    """Counts of one image: ``(T+1, 21, 21)`` sweep counts for cam, a ``(21, 21)`` confusion otherwise."""
-    gt = _read_gt(job.gt_dir, img_id)
+    """Counts of one image: ``(T+1, n, n)`` sweep counts for cam, a ``(n, n)`` confusion otherwise."""
+    n = get_dataset(job.dataset).num_classes
+    gt = _read_gt(job.gt_dir, img_id, job.dataset)
     p = pred_path(job.task, job.pred_dir, img_id)
     if job.task == "cam":
-        return cam_counts_for_image(load_dict(p), gt, job.th32, p)
+        return cam_counts_for_image(load_dict(p), gt, job.th32, p, job.plain, n)
     if job.task in ("crf", "dl"):
-        pred = label_from_dict(load_dict(p), gt.shape, p)
+        pred = label_from_dict(load_dict(p), gt.shape, p, n)
     elif job.task == "png":
         require_file(p, "pseudo-label PNG", "Point --pred_dir (or --name/--dict_dir) at the folder of <id>.png labels.")
         pred = read_label_png(p)
@@ -433,8 +464,8 @@ def image_counts(job: _Job, img_id: str) -> np.ndarray:
             raise DataError(f"prediction '{p}' has size {pred.shape}, ground truth has {gt.shape}.")
     else:
         raise ValueError(f"unknown task {job.task!r}; expected one of {TASKS}")
-    # the reference counts predictions of any value (a value >= 21 simply never matches a class)
-    return confusion_matrix(pred, gt, NUM_CLASSES, IGNORE_INDEX)
+    # the reference counts predictions of any value (a value >= n simply never matches a class)
+    return confusion_matrix(pred, gt, n, IGNORE_INDEX)
 
 
 def _work(args: tuple[_Job, list[str]]) -> np.ndarray:
@@ -464,19 +495,29 @@ def _pool_context() -> mp.context.BaseContext:
 
 def accumulate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_dir: os.PathLike | str,
                thresholds: Sequence[float] = REFERENCE_THRESHOLDS, workers: int | None = None,
-               progress: bool = True, chunk: int = 16, retain_memory: bool = False) -> np.ndarray:
+               progress: bool = True, chunk: int = 16, retain_memory: bool = False,
+               plain: bool = False, dataset: DatasetInfo | str = VOC12) -> np.ndarray:
     """Sum of the per-image counts over ``ids`` (parallel over images when ``workers > 1``).
 
     Worker processes keep their freed heap (:func:`tools.malloc.retain_freed_memory`: no page faults
     on every image's fresh arrays); ``retain_memory`` does the same for this process when it scores
     in-process (``workers == 1``), for single-purpose CLIs such as ``evaluation.py``.
 
-    Returns ``(T+1, 21, 21)`` sweep counts for ``task='cam'``, else a ``(21, 21)`` confusion matrix.
+    ``plain``: the sweep with :func:`sweep_counts_plain` and no heap retention anywhere (the
+    definition, for the benchmark and the tests).
+
+    ``dataset``: the descriptor (or name) giving the class count and the ground-truth path rule.
+
+    Returns ``(T+1, n, n)`` sweep counts for ``task='cam'``, else a ``(n, n)`` confusion matrix
+    (n = the dataset's classes with background).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    job = _Job(task, str(pred_dir), str(gt_dir), thresholds_f32(thresholds) if task == "cam" else None)
-    n = NUM_CLASSES
+    ds = get_dataset(dataset)
+    job = _Job(task, str(pred_dir), str(gt_dir), thresholds_f32(thresholds) if task == "cam" else None, plain,
+               ds.name)
+    retain = None if plain else retain_freed_memory
+    n = ds.num_classes
     total = np.zeros((len(job.th32) + 1, n, n) if task == "cam" else (n, n), np.int64)
     ids = list(ids)
     workers, chunks = split_work(ids, workers, chunk)
@@ -486,14 +527,14 @@ def accumulate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_di
         bar = tqdm(total=len(ids), desc=f"eval {task}", unit="img", leave=False, dynamic_ncols=True)
     try:
         if workers == 1:
-            if retain_memory:
-                retain_freed_memory()
+            if retain_memory and retain is not None:
+                retain()
             for c in chunks:
                 total += _work((job, c))
                 if bar is not None:
                     bar.update(len(c))
         else:
-            with _pool_context().Pool(workers, initializer=retain_freed_memory) as pool:
+            with _pool_context().Pool(workers, initializer=retain) as pool:
                 for c, res in zip(chunks, pool.imap(_work, [(job, c) for c in chunks])):
                     total += res
                     if bar is not None:
@@ -506,28 +547,32 @@ def accumulate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_di
 
 def evaluate(task: str, ids: Sequence[str], pred_dir: os.PathLike | str, gt_dir: os.PathLike | str,
              thresholds: Sequence[float] = REFERENCE_THRESHOLDS, workers: int | None = None,
-             progress: bool = True, retain_memory: bool = False) -> SweepResult:
+             progress: bool = True, retain_memory: bool = False, plain: bool = False,
+             dataset: DatasetInfo | str = VOC12) -> SweepResult:
     """Score ``ids``: the threshold sweep for ``task='cam'``, a single pass for crf/dl/png
-    (``retain_memory``: see :func:`accumulate`)."""
-    counts = accumulate(task, ids, pred_dir, gt_dir, thresholds, workers, progress, retain_memory=retain_memory)
+    (``retain_memory``, ``plain``, ``dataset``: see :func:`accumulate`)."""
+    ds = get_dataset(dataset)
+    counts = accumulate(task, ids, pred_dir, gt_dir, thresholds, workers, progress, retain_memory=retain_memory,
+                        plain=plain, dataset=ds)
     if task == "cam":
-        return SweepResult(task, list(ids), [float(t) for t in thresholds], sweep_confusions(counts))
-    return SweepResult(task, list(ids), [], counts[None])
+        return SweepResult(task, list(ids), [float(t) for t in thresholds], sweep_confusions(counts),
+                           categories=ds.names_bg)
+    return SweepResult(task, list(ids), [], counts[None], categories=ds.names_bg)
 
 
 def sweep(ids: Sequence[str], dict_dir: os.PathLike | str, gt_dir: os.PathLike | str,
           thresholds: Sequence[float] = REFERENCE_THRESHOLDS, workers: int | None = None,
-          progress: bool = True) -> SweepResult:
-    """The CAM-seed threshold sweep over ``<dict_dir>/<id>.npy`` against ``<gt_dir>/<id>.png``."""
-    return evaluate("cam", ids, dict_dir, gt_dir, thresholds, workers, progress)
+          progress: bool = True, dataset: DatasetInfo | str = VOC12) -> SweepResult:
+    """The CAM-seed threshold sweep over ``<dict_dir>/<id>.npy`` against the masks in ``gt_dir``."""
+    return evaluate("cam", ids, dict_dir, gt_dir, thresholds, workers, progress, dataset=dataset)
 
 
 def eval_in_script(ids: Sequence[str], dict_dir: os.PathLike | str, gt_dir: os.PathLike | str,
                    logger: logging.Logger | Callable[[str], None] | None = None,
-                   workers: int | None = None) -> tuple[float, float]:
+                   workers: int | None = None, dataset: DatasetInfo | str = VOC12) -> tuple[float, float]:
     """Training's in-loop validation (reference ``eval_in_script``): logs the 20 sweep lines and
     returns ``(best mIoU in percent, its threshold)`` (strict '>', first best wins)."""
-    res = sweep(ids, dict_dir, gt_dir, workers=workers, progress=False)
+    res = sweep(ids, dict_dir, gt_dir, workers=workers, progress=False, dataset=dataset)
     emit = logger.info if isinstance(logger, logging.Logger) else (logger or print)
     for line in res.sweep_lines():
         emit(line)
@@ -566,9 +611,10 @@ def plot_result(res: SweepResult, path: os.PathLike | str, title: str = "") -> b
         ax.grid(alpha=0.3)
     ax = axes[-1]
     iou = res.iou[res.best_index]
-    ax.bar(range(NUM_CLASSES), iou, color=["0.4"] + ["C0"] * (NUM_CLASSES - 1))
-    ax.set_xticks(range(NUM_CLASSES))
-    ax.set_xticklabels(CAT_NAMES_BG, rotation=60, ha="right", fontsize=8)
+    n = len(res.categories)
+    ax.bar(range(n), iou, color=["0.4"] + ["C0"] * (n - 1))
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(res.categories, rotation=60, ha="right", fontsize=8 if n <= 32 else 5)
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     ax.axhline(res.best_miou, color="r", lw=1, ls="--")
