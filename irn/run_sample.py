@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--conf_fg_thres", type=cli.fraction, default=0.30)
     a("--conf_bg_thres", type=cli.fraction, default=0.1)
     # Inter-pixel Relation Network (IRNet)
-    a("--irn_crop_size", type=cli.positive_int, default=512)
+    # the radius-10 paths need a feature grid (crop/4) of at least 19 cells a side
+    a("--irn_crop_size", type=cli.int_at_least(76, "radius-10 paths need a 19-cell grid"), default=512)
     a("--irn_batch_size", type=cli.positive_int, default=32)
     a("--irn_num_epoches", type=cli.positive_int, default=3)
     a("--irn_learning_rate", type=cli.positive_float, default=0.1)
@@ -244,18 +245,24 @@ def run(args: argparse.Namespace) -> None:
                 module.run(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run_logged(args: argparse.Namespace) -> None:
+    """:func:`run` with stdout also written to ``<log_name>.log``; opening the log is inside the CLI's
+    error path, so a read-only or full log folder is one error line."""
     log = Path(args.log_name + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     old = sys.stdout
     sys.stdout = tee = _Tee(old, log)
     try:
         print(vars(args))
-        return run_cli(run, args)
+        run(args)
     finally:
         sys.stdout = old
         tee.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(_run_logged, args)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tools.errors import MissingFileError, WSSSError, require_all
+from tools.errors import MissingFileError, require_all
 from tools.layout import REFERENCE_SUBDIRS, StageOneLayout
 
 __all__ = ["InferSettings", "Paths", "OutputRecord", "output_records", "remove_stale_temps", "Writer", "run",
@@ -298,15 +298,6 @@ def run(args: Any) -> dict:
     # What to redo: each output folder's record (tools.provenance) must match the current inputs and
     # settings; every rank plans over all ids from the records as they were before this run.
     records = output_records(paths, args, ckpt, ids, keys_of)
-    dist.barrier()
-    if main_proc:
-        for rec in records.values():
-            line = report(rec.prov.step, rec.plan, rec.what)
-            if line:
-                print(line, flush=True)
-            if rec.plan.todo or not rec.prov.complete:
-                rec.prov.begin(rec.plan, rec.outputs)
-    dist.barrier()
     todo = {name: set(rec.plan.todo) for name, rec in records.items()}
     todo_net, todo_post = [], []  # need the network / only need overlays or CRF from the saved dict
     for i in mine:
@@ -321,6 +312,18 @@ def run(args: Any) -> dict:
         raise MissingFileError(f"{len(missing_img)} listed image(s) not found, e.g. "
                                f"'{image_path(args.data_root, missing_img[0], info)}' (id '{missing_img[0]}' from "
                                f"{args.infer_list}). Check --data_root and --infer_list.")
+    # The network is loaded before the records begin: beginning deletes the outputs to redo, and an
+    # unreadable checkpoint must leave the earlier outputs in place.
+    net = load_stage_one(ckpt, args.width, args.D, model=args.model, hint=CKPT_HINT) if todo_net else None
+    dist.barrier()
+    if main_proc:
+        for rec in records.values():
+            line = report(rec.prov.step, rec.plan, rec.what)
+            if line:
+                print(line, flush=True)
+            if rec.plan.todo or not rec.prov.complete:
+                rec.prov.begin(rec.plan, rec.outputs)
+    dist.barrier()
     skipped = len(mine) - len(todo_net) - len(todo_post)
     if main_proc:
         print(f"{len(ids)} images in {args.infer_list}; this rank: {len(todo_net)} to infer, "
@@ -340,7 +343,7 @@ def run(args: Any) -> dict:
             for i in todo_post:
                 writer.put(i, load_dict(paths.dict / f"{i}.npy"), write_dict=False)
         if todo_net:
-            net = load_stage_one(ckpt, args.width, args.D, model=args.model, hint=CKPT_HINT).to(device)
+            net = net.to(device)
             stats["width"] = net.width
             check_class_count(net, info, ckpt)
             ds = MSFDataset(todo_net, args.data_root, cls_labels, scales=tuple(args.scales),
@@ -384,22 +387,14 @@ def check_class_count(net: Any, info: Any, ckpt: Path) -> None:
 
 def check_inputs(args: Any) -> None:
     """Raise ONE error naming every input file of this run that is missing (list, labels, images,
-    checkpoint), before any output folder is made. The checkpoint is needed only when some listed
-    image has no saved dictionary yet (or with --overwrite)."""
-    from voc12.data import read_id_list
-
+    checkpoint), before any output folder is made. The checkpoint is needed even when every listed
+    image has a saved dictionary: the dictionaries' record names it by content, and without it the saved
+    dictionaries cannot be shown to match, so they would be deleted before the load fails."""
     info = dataset_args(args)
     ckpt = Path(args.ckpt) if args.ckpt else Paths(args.exp_root, args.name, []).checkpoint(args.load_epo)
-    needs_net = True
-    if not args.overwrite and Path(args.infer_list).is_file():
-        dict_dir = Paths(args.exp_root, args.name, []).dict
-        try:
-            needs_net = not all((dict_dir / f"{i}.npy").is_file() for i in read_id_list(args.infer_list))
-        except WSSSError:
-            needs_net = True  # an unreadable list is reported by run() itself
     require_all([
         (args.infer_list, "image list (--infer_list)", info.labels_hint),
         (args.cls_labels, "class-label file (--cls_labels)", info.labels_hint),
         (Path(args.data_root) / info.image_folder, f"{info.name} image folder (--data_root)", info.root_hint, "dir"),
-        (ckpt if needs_net else None, "stage-one checkpoint", CKPT_HINT),
+        (ckpt, "stage-one checkpoint", CKPT_HINT),
     ], context="before inference started")

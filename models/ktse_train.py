@@ -333,7 +333,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     means = RunningMeans()
     if resuming:
         st = load_resume_state(paths.last)
-        net.load_state_dict(st["model"], strict=True)
+        from tools.checkpoint import load_state_dict_checked
+
+        # a run resumed with another --width/--D/--model: one error naming the file and the keys
+        load_state_dict_checked(net, st["model"], what=f"training state '{paths.last}' (made with other "
+                                                       "--width/--D/--model settings? --overwrite starts over)")
         opt.load_state_dict(st["optimizer"])
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])

@@ -3,15 +3,20 @@ pass its output through (and into a log), time it, and record it, so a rerun ski
 
 A step counts as finished when every output it declares exists (outputs are chosen so that they
 appear only at the end of the step: a final checkpoint, one file per listed id, a JSON written last)
-AND its record matches (:func:`decide`). Its record ``<record_dir>/<step>.json`` keeps the command, the
-digests of its upstream steps' records, its own digest, wall time and the figures read from its
-outputs, which is what makes the final table identical after an interrupted run is resumed; a changed
-command redoes that step and every step after it that reads it, nothing before it.
+AND its record matches (:func:`decide`). The record ``<record_dir>/<step>.json`` is a provenance record
+(tools/provenance.py, the one the stage CLIs keep beside their outputs): inputs = the digests of its
+upstream steps' records, settings = the command as typed, state ``running`` (written before the command
+starts) or ``complete`` (after its outputs were verified). Its digest follows from those alone, so a
+changed command changes it, and with it the inputs of every step reading that one: that step and those
+after it are redone, nothing before it; a step rerun with the same command and upstream (its outputs
+were deleted, an interrupted attempt finished) keeps its digest and its readers are kept. Beside the
+provenance fields the record keeps wall time and the figures read from the outputs, which is what makes
+the final table identical after an interrupted run is resumed. Records of older runners (``command`` +
+``upstream`` with time-based digests, ``<step>.start.json``) are read as what this runner would have
+written for them (:func:`read_step_record`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import select
 import shlex
@@ -19,16 +24,20 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from tools.errors import EXIT_INTERRUPTED, INTERRUPTED_MESSAGE, WSSSError
 from tools.io import atomic_write_json
+from tools.provenance import Provenance, describe_change, read_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # how often a running step's elapsed time is saved: a runner killed outright (SIGKILL) loses at most this
 HEARTBEAT_S = 10.0
+# version of the runner's step record (part of its digest: bump it when what a record stands for changes)
+RECORD_VERSION = 1
 
 
 class StepFailed(WSSSError):
@@ -328,7 +337,7 @@ class _AttemptClock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        prev = _read_record(path) or {}
+        prev = read_record(path) or {}
         self.before = float(prev.get("seconds", 0.0))
         self.attempts = int(prev.get("attempts", 1 if self.before else 0)) + 1
         self.killed = prev.get("updated") if prev.get("running") else None  # last heartbeat of a killed attempt
@@ -417,6 +426,9 @@ class Decision:
     run: bool
     redo: bool
     reason: str
+    # the step's record for the current command and upstream (its digest is the one the step has after
+    # running); every decision of :func:`decide` has it
+    prov: Provenance | None = field(default=None, repr=False)
 
 
 def upstream_of(steps: Sequence[Step], i: int) -> list[str]:
@@ -426,63 +438,109 @@ def upstream_of(steps: Sequence[Step], i: int) -> list[str]:
     return [steps[i - 1].name] if i > 0 else []
 
 
-def upstream_digests(names: Sequence[str], record_dir: Path, to_run: set[str] = frozenset()) -> dict:
-    """``{name: digest of its finished record}`` (None when it has none; a marker for a step that
-    will run before this one in the same dry run)."""
+def _record_path(record_dir: Path, name: str) -> Path:
+    return record_dir / f"{name}.json"
+
+
+def _provenance(name: str, command: str, upstream: dict, record_dir: Path) -> Provenance:
+    """The record of step ``name`` run as ``command`` (as typed) after upstream records ``upstream``
+    (``{step: digest or None}``); its ``old`` is the existing record, read by :func:`read_step_record`."""
+    return Provenance(record_dir, name, RECORD_VERSION, {n: {"record": d} for n, d in upstream.items()},
+                      {"command": command}, path=_record_path(record_dir, name))
+
+
+def read_step_record(record_dir: Path, name: str) -> dict | None:
+    """The record of step ``name`` in ``record_dir`` (None when there is none or it is unreadable).
+
+    A record of an older runner (``{command, upstream: {step: time-based digest}, ...}`` in
+    ``<step>.json``, or ``<step>.start.json`` of an interrupted attempt) is read as the record this runner
+    would have written for it: an upstream digest that is still the one in that upstream step's record
+    becomes that step's (converted) digest, any other one a value no current record has. A finished
+    experiment of an older runner is thus skipped as it was, and a changed one redoes what it did.
+    """
+    return _read_step_record(record_dir, name, frozenset())
+
+
+def _read_step_record(record_dir: Path, name: str, seen: frozenset) -> dict | None:
+    path = _record_path(record_dir, name)
+    rec, state = read_record(path), "complete"
+    if rec is not None and "format" in rec:
+        return rec
+    if rec is None:
+        rec, state = read_record(record_dir / f"{name}.start.json"), "running"
+    if rec is None or not isinstance(rec.get("command"), str) or not isinstance(rec.get("upstream"), dict) \
+            or name in seen:
+        return None
+    upstream = {}
+    for n, d in rec["upstream"].items():
+        up = None
+        if d is not None and (read_record(_record_path(record_dir, n)) or {}).get("digest") == d:
+            up = _read_step_record(record_dir, n, seen | {name})
+        upstream[n] = (reader_identity(up) if up is not None and up.get("state") == "complete"
+                       else None if d is None else f"older runner: {d}")
+    extra = {k: v for k, v in rec.items() if k not in ("command", "upstream", "digest")}
+    return _provenance(name, rec["command"], upstream, record_dir).record(state, extra=extra)
+
+
+def reader_identity(rec: dict) -> str:
+    """What the steps reading a finished step record of it: its digest AND which run made it (a random
+    ``run_id``; records of older runners: their finishing time). The digest
+    alone (command + upstream) would let a step that ran again with the same command (its outputs
+    deleted, a training rerun that is not bit-exact on a GPU) keep readers made from its old outputs,
+    and the runner, skipping them, would never start the tools whose own records would notice."""
+    return f"{rec.get('digest')} run {rec.get('run_id') or rec.get('finished')}"
+
+
+def upstream_digests(names: Sequence[str], record_dir: Path, planned: dict | None = None) -> dict:
+    """``{name: reader_identity of its complete record}`` (None when it has none, or only a ``running``
+    one); ``planned`` gives the values of steps that will run before this one in the same run."""
     out = {}
     for n in names:
-        rec = _read_record(record_dir / f"{n}.json") or {}
-        out[n] = "(redone in this run)" if n in to_run else rec.get("digest")
+        if planned and n in planned:
+            out[n] = planned[n]
+        else:
+            rec = read_step_record(record_dir, n) or {}
+            out[n] = reader_identity(rec) if rec.get("state") == "complete" else None
     return out
 
 
-def _differs(rec: dict, command: str, upstream: dict) -> str | None:
-    if rec.get("command") != command:
-        return f"the command changed (recorded: {rec.get('command')})"
-    old = rec.get("upstream") or {}
-    changed = [n for n in sorted(set(old) | set(upstream)) if old.get(n) != upstream.get(n)]
-    return f"upstream step{'s' if len(changed) > 1 else ''} {', '.join(changed)} redone since" if changed else None
-
-
 def decide(step: Step, record_dir: Path, root: Path, upstream: dict, overwrite: bool = False) -> Decision:
-    """The runner's rule: a step is done only when its outputs exist AND its record (the command as
-    typed + the digests of its upstream steps' records) matches. A differing record (or an interrupted
-    attempt made with another command/upstream) means a redo; a matching interrupted attempt or missing
-    outputs mean a plain run (which may resume); no record with every output present means a redo."""
+    """The runner's rule: a step is done only when its outputs exist AND its complete record (the
+    command as typed + the digests of its upstream steps' records) matches. A differing record (or an
+    interrupted attempt made with another command/upstream) means a redo; a matching interrupted
+    attempt or missing outputs mean a plain run (which may resume); no record with every output present
+    means a redo. ``upstream``: ``{step: digest}`` (see :func:`upstream_digests`)."""
+    prov = _provenance(step.name, step.display(step.argv), upstream, record_dir)
+    prov.old = read_step_record(record_dir, step.name)
     if overwrite:
-        return Decision(True, True, "--overwrite")
-    key = step.display(step.argv)
+        return Decision(True, True, "--overwrite", prov)
     missing = step.missing_outputs(root) if step.outputs else ["(no outputs declared)"]
-    rec = _read_record(record_dir / f"{step.name}.json")
-    if rec is not None and "upstream" in rec:
-        diff = _differs(rec, key, upstream)
-        if diff:
-            return Decision(True, True, diff)
-        if missing:
-            return Decision(True, False, f"{len(missing)} output(s) missing, e.g. {missing[0]}")
-        return Decision(False, False, "outputs exist and the record matches")
-    start = _read_record(record_dir / f"{step.name}.start.json")
-    if start is not None:
-        diff = _differs(start, key, upstream)
-        if diff:
-            return Decision(True, True, f"an interrupted attempt was made differently: {diff}")
-        return Decision(True, False, "finishing an interrupted attempt")
-    if not missing:
-        return Decision(True, True, "no record of what made the existing outputs")
-    return Decision(True, False, "not run yet")
+    if prov.old is None:
+        if not missing:
+            return Decision(True, True, describe_change(None, prov.record("running")), prov)
+        return Decision(True, False, "not run yet", prov)
+    change = prov.change()
+    if prov.old.get("state") != "complete":
+        if change:
+            return Decision(True, True, f"an interrupted attempt was made differently: {change}", prov)
+        return Decision(True, False, "finishing an interrupted attempt", prov)
+    if change:
+        return Decision(True, True, change, prov)
+    if missing:
+        return Decision(True, False, f"{len(missing)} output(s) missing, e.g. {missing[0]}", prov)
+    return Decision(False, False, "outputs exist and the record matches", prov)
 
 
 def planned_decisions(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT,
                       overwrite: bool = False) -> list[Decision]:
     """What :func:`run_steps` will do with each of ``steps``, decided before any of them runs: the
-    :func:`decide` rule, where a step that will run counts as redone for every step that reads it."""
-    will_run: set[str] = set()
+    :func:`decide` rule, where a step that will run counts as changed for every step that reads it."""
+    planned: dict[str, str] = {}
     out = []
     for idx, step in enumerate(steps):
-        upstream = upstream_digests(upstream_of(steps, idx), record_dir, will_run)
-        d = decide(step, record_dir, root, upstream, overwrite)
-        if d.run:
-            will_run.add(step.name)
+        d = decide(step, record_dir, root, upstream_digests(upstream_of(steps, idx), record_dir, planned), overwrite)
+        if d.run:  # a step that runs gets a new finishing time: its readers run after it
+            planned[step.name] = f"{d.prov.digest} runs in this session"
         out.append(d)
     return out
 
@@ -495,17 +553,17 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
     A step is skipped only when :func:`decide` says so (outputs exist and its record, the command plus
     the digests of its upstream steps' records, matches); its earlier record (time, figures) is then
     reused. A step redone because its record differs runs with its ``overwrite_args`` (never resumed),
-    and every step after it that reads it is redone too. ``dry_run`` only prints what would run.
+    and every step after it that reads it is redone too (its digest changed). ``dry_run`` only prints
+    what would run.
     """
     results: list[StepResult] = []
     planned = planned_decisions(steps, record_dir, root, overwrite) if dry_run else []
     for idx, step in enumerate(steps):
         key = step.display(step.argv)  # records are matched without the --resume/--overwrite extras
-        record_path = record_dir / f"{step.name}.json"
         log_path = record_dir / f"{step.name}.log"
-        record = _read_record(record_path)
-        upstream = upstream_digests(upstream_of(steps, idx), record_dir)
-        decision = planned[idx] if dry_run else decide(step, record_dir, root, upstream, overwrite)
+        decision = planned[idx] if dry_run else decide(
+            step, record_dir, root, upstream_digests(upstream_of(steps, idx), record_dir), overwrite)
+        prov = decision.prov
         argv = step.command(decision.redo, root)
         shown = step.display(argv)
         if dry_run:
@@ -520,7 +578,7 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
             if problem:
                 raise StepFailed(f"step '{step.name}': {problem}")
         if not decision.run:
-            res = recorded_result(step, key, record, log_path)
+            res = recorded_result(step, key, prov.old, log_path)
             printer(f"[skip] {step.name}: {decision.reason}"
                     f"{'' if res.seconds is None else f', took {res.seconds:.1f} s'}")
             results.append(res)
@@ -537,12 +595,11 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
         new_dirs = _NewFolders(step, root, record_dir)
         record_dir.mkdir(parents=True, exist_ok=True)
         clock.save(running=True)  # before the child starts: a runner killed outright still leaves its start
-        start_path = record_dir / f"{step.name}.start.json"
-        # also before the command starts: what this attempt runs, so that a rerun after an interruption
-        # knows whether it may resume it; the old record no longer describes the outputs
-        atomic_write_json(start_path, {"command": key, "upstream": upstream,
-                                       "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-        record_path.unlink(missing_ok=True)
+        # also before the command starts, replacing the old record (which no longer describes the
+        # outputs): the running record says what this attempt runs, so that a rerun after an
+        # interruption knows whether it may resume it
+        prov.start_single(extra={"stage": step.stage, "ran": shown, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        (record_dir / f"{step.name}.start.json").unlink(missing_ok=True)  # an older runner's running record
         t0, c0 = clock.t0, _children_cpu()
         try:
             rc, text = run_command(argv, root / step.cwd, log_path, {**(env or {}), **step.env}, echo,
@@ -568,14 +625,9 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
             raise StepFailed(f"step '{step.name}' finished but did not write {len(still)} expected outputs, e.g. "
                              f"{', '.join(still[:3])}. Command: {shown}. Log: {log_path}")
         metrics = step.metrics(text) if step.metrics else {}
-        finished = time.strftime("%Y-%m-%d %H:%M:%S")
-        digest = hashlib.sha256(json.dumps([key, upstream, finished, seconds, os.getpid()], sort_keys=True,
-                                           default=str).encode()).hexdigest()
-        atomic_write_json(record_path, {"step": step.name, "stage": step.stage, "command": key, "ran": shown,
-                                        "upstream": upstream, "digest": digest,
-                                        "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "metrics": metrics,
-                                        "finished": finished})
-        start_path.unlink(missing_ok=True)
+        prov.finish(extra={"stage": step.stage, "ran": shown, "seconds": round(seconds, 3),
+                           "cpu_seconds": round(cpu, 3), "metrics": metrics,
+                           "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "run_id": uuid.uuid4().hex})
         if partial_path.exists():
             partial_path.unlink()
         printer(f"[done] {step.name} in {seconds:.1f} s (CPU {cpu:.1f} s)"
@@ -585,9 +637,11 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
 
 
 def recorded_result(step: Step, shown: str, record: dict | None, log_path: Path) -> StepResult:
-    """The result of a finished step without running it: time and figures from its record when the
-    recorded command is the current one, else figures re-read from its outputs (time unknown)."""
-    same = record is not None and record.get("command") == shown
+    """The result of a finished step without running it: time and figures from its record (as
+    :func:`read_step_record` gives it) when that is complete and its command is the current one, else
+    figures re-read from its outputs (time unknown)."""
+    same = (record is not None and record.get("state") == "complete"
+            and (record.get("settings") or {}).get("command") == shown)
     if same:
         metrics = dict(record.get("metrics") or {})
     else:
@@ -603,21 +657,11 @@ def collect_results(steps: Sequence[Step], record_dir: Path, root: Path = REPO_R
     for step in steps:
         shown = step.display(step.argv)
         if step.outputs and not step.missing_outputs(root):
-            out.append(recorded_result(step, shown, _read_record(record_dir / f"{step.name}.json"),
+            out.append(recorded_result(step, shown, read_step_record(record_dir, step.name),
                                        record_dir / f"{step.name}.log"))
         else:
             out.append(StepResult(step.name, step.stage, shown, None, False, {}))
     return out
-
-
-def _read_record(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def check_requirements(steps: Sequence[Step], root: Path = REPO_ROOT, overwrite: bool = False, *,
@@ -628,14 +672,23 @@ def check_requirements(steps: Sequence[Step], root: Path = REPO_ROOT, overwrite:
     Only the steps that :func:`run_steps` will run with the records in ``record_dir`` (the same
     :func:`decide` rule, see :func:`planned_decisions`) are checked: a skipped step needs nothing, a
     step redone because its record changed does. An input inside an output of an earlier step of
-    ``steps`` is not checked, since that step makes it.
+    ``steps`` is not checked, since that step makes it. A step that will run and reads a step left out
+    of ``steps`` (``--from``) which never finished is named in the same error.
     """
-    from tools.errors import require_all
+    from tools.errors import missing_inputs, raise_missing
 
     made: list[str] = []
     needs: list[tuple] = []
-    for step, decision in zip(steps, planned_decisions(steps, record_dir, root, overwrite)):
+    unmade: list[str] = []  # steps that will run but read a step outside the selection that never finished
+    selected = {s.name for s in steps}
+    for idx, (step, decision) in enumerate(zip(steps, planned_decisions(steps, record_dir, root, overwrite))):
         if decision.run:
+            for up in upstream_of(steps, idx):
+                rec = read_step_record(record_dir, up) if up not in selected else None
+                if up not in selected and (rec is None or rec.get("state") != "complete"):
+                    unmade.append(f"step '{step.name}' reads the outputs of step '{up}', which has not finished "
+                                  f"(no complete record in {record_dir}); run from an earlier stage "
+                                  f"(--from {up}) or without --from.")
             for req in step.requires:
                 kind = req[3] if len(req) > 3 else "file"
                 alts = list(req[0]) if isinstance(req[0], (list, tuple)) else [req[0]]
@@ -644,4 +697,4 @@ def check_requirements(steps: Sequence[Step], root: Path = REPO_ROOT, overwrite:
                 elif not any(str(a) == m or str(a).startswith(m.rstrip("/") + "/") for a in alts for m in made):
                     needs.append(([root / a for a in alts], *req[1:]))
         made += [o.folder if isinstance(o, PerIdOutputs) else str(o) for o in step.outputs]
-    require_all(needs, context=f"before the first step ({steps[0].name}) ran" if steps else "")
+    raise_missing(unmade + missing_inputs(needs), context=f"before the first step ({steps[0].name}) ran" if steps else "")

@@ -55,7 +55,7 @@ def _task(t: dict[str, Any]) -> np.ndarray | None:
         pred = read_label_png(out)
     else:
         img = load_image(t["root"], t["id"], t["dataset"])
-        logits = load_logits(t["logits"])
+        logits = load_logits(t["logits"], t["num_classes"])
         pred = predict_one(logits, img, t["crf"], t["crf_image"])
         write_label_png(out, pred, palette=True)
     if t["label_folder"] is None:

@@ -231,13 +231,19 @@ def test_pipeline_passes_resume_and_overwrite(tmp_path):
     assert step.command(root=tmp_path)[-1] == "--resume"
 
 
-def test_test_py_names_a_truncated_logits_file(toy_voc, tmp_path, capsys):
-    test_py = cli_module("segmentation/test.py")
+def _zero_logits(toy_voc: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """(val ids of the toy set, a logits_msc folder with a zero (21, 4, 4) file for each)."""
     ids = (toy_voc / "ImageSets/Segmentation/val.txt").read_text().split()
     logits = tmp_path / "logits_msc"
     logits.mkdir()
     for i in ids:
         np.save(logits / f"{i}.npy", np.zeros((21, 4, 4), np.float32))
+    return ids, logits
+
+
+def test_test_py_names_a_truncated_logits_file(toy_voc, tmp_path, capsys):
+    test_py = cli_module("segmentation/test.py")
+    ids, logits = _zero_logits(toy_voc, tmp_path)
     bad = logits / f"{ids[2]}.npy"
     bad.write_bytes(bad.read_bytes()[:-20])
     rc = test_py.main(["--logits_dir", str(logits), "--data_root", str(toy_voc), "--n-jobs", "1"])
@@ -272,3 +278,34 @@ def test_ctrl_c_prints_one_line_and_exits_130(toy_voc, tmp_path):
 
     assert proc.returncode == 130, err
     assert _lines(err) == [INTERRUPTED_MESSAGE], err
+
+
+@pytest.mark.parametrize("bad", ["channels", "nan"])
+def test_test_py_refuses_logits_of_another_class_count_or_with_nan(bad, toy_voc, tmp_path, capsys):
+    """Logits with 20 channels (another dataset) or NaN were scored silently; now one line naming the file."""
+    test_py = cli_module("segmentation/test.py")
+    ids, logits = _zero_logits(toy_voc, tmp_path)
+    wrong = logits / f"{ids[1]}.npy"
+    np.save(wrong, np.zeros((20, 4, 4), np.float32) if bad == "channels" else np.full((21, 4, 4), np.nan, np.float32))
+    rc = test_py.main(["--logits_dir", str(logits), "--data_root", str(toy_voc), "--n-jobs", "1"])
+    err = _lines(capsys.readouterr().err)
+    assert rc == 2 and len(err) == 1 and str(wrong) in err[0], err
+    assert ("20 classes, expected 21" if bad == "channels" else "NaN") in err[0]
+
+
+def test_config_file_that_is_not_json_is_one_error(tmp_path):
+    from segmentation.beco.config import load_config
+    from tools.errors import WSSSError
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text("{not json")
+    with pytest.raises(WSSSError, match="is not valid JSON") as e:
+        load_config(cfg)
+    assert str(cfg) in str(e.value)
+
+
+def test_imagenet_weights_at_another_width_is_a_user_error(tmp_path):
+    from tools.errors import WSSSError
+
+    with pytest.raises(WSSSError, match="--backbone_width 64, got 8; pass --pretrained none"):
+        build_deeplabv2(backbone="resnet18", width=8, pretrained=tmp_path / "r18.pth")

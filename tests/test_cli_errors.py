@@ -311,7 +311,8 @@ BAD_FLAGS = [
     ("run_sample", ["--cam_eval_thres", "2"]), ("run_sample", ["--device", "tpu"]),
     ("run_sample", ["--cam_scales", "0,1.0"]), ("run_sample", ["--cam_scales", "0.5,1.5"]),
     ("run_sample", ["--beta", "0"]), ("run_sample", ["--exp_times", "-1"]), ("run_sample", ["--irn_batch_size", "0"]),
-    ("run_sample", ["--irn_crop_size", "0"]), ("run_sample", ["--irn_learning_rate", "0"]),
+    ("run_sample", ["--irn_crop_size", "0"]), ("run_sample", ["--irn_crop_size", "64"]),
+    ("run_sample", ["--irn_learning_rate", "0"]),
     ("run_sample", ["--num_workers", "-1"]), ("run_sample", ["--irn_num_epoches", "0"]),
     ("gen_mask", ["--thd", "1.5"]), ("gen_mask", ["--thd", "-0.1"]), ("gen_mask", ["--num_workers", "-1"]),
     ("run_pipeline", ["--workers", "0"]), ("run_pipeline", ["--threads", "-1"]), ("run_pipeline", ["--device", "tpu"]),
@@ -536,3 +537,36 @@ def test_device_unavailable_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(DeviceError, match="1 CUDA device"):
         get_device("cuda:3")
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), MissingFileError("x not found")])
+def test_message_starts_its_own_line_after_an_open_progress_bar(exc, capsys):
+    """A step stopped mid-bar: the bar (which ends without a newline) is closed before the message, so
+    ``interrupted:`` / ``error:`` is not glued to the end of the bar's line."""
+    from tqdm import tqdm
+
+    def step(_):
+        bar = tqdm(total=10, desc="epoch 001", leave=False)
+        bar.update(3)
+        raise exc
+
+    run_cli(step, None)
+    err = capsys.readouterr().err
+    head = INTERRUPTED_MESSAGE if isinstance(exc, KeyboardInterrupt) else "error: x not found"
+    at = err.index(head)
+    assert at == 0 or err[at - 1] in "\r\n", repr(err[max(0, at - 40):at + 20])
+
+
+def test_run_sample_unwritable_log_is_one_line(in_tmp, monkeypatch, capsys):
+    """The <log_name>.log of run_sample.py is opened inside the CLI's error path: a read-only log folder is
+    one error line, not a traceback (it used to be opened before run_cli)."""
+    main, argv, _, _ = setup_run_sample(in_tmp)
+    run_sample = cli_module("irn/run_sample.py")
+    log = in_tmp / "ro" / "log.log"
+
+    def refuse(stream, path):
+        raise OSError(errno.EROFS, "Read-only file system", str(log))
+    monkeypatch.setattr(run_sample, "_Tee", refuse)
+    assert main(argv) == 2
+    lines = _lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("error: read-only file system") and str(log) in lines[0]

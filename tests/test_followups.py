@@ -186,6 +186,22 @@ def test_early_check_covers_steps_redone_because_their_record_changed(tmp_path):
     assert [r.skipped for r in res] == [True, False] and (tmp_path / "b.txt").read_text() == "2"
 
 
+def test_early_check_names_an_unfinished_step_left_out_by_from(tmp_path):
+    """``--from b`` on a run whose step a never finished: one error before b starts, naming a and the fix,
+    instead of b failing on a's missing outputs (with the cause only in b's log)."""
+    from pipeline.runner import check_requirements, run_steps
+    from tools.errors import MissingFileError
+
+    rec = tmp_path / "rec"
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "w.pth").write_bytes(b"w")
+    only_b = _req_chain("1", "1")[1:]
+    with pytest.raises(MissingFileError, match=r"step 'b' reads the outputs of step 'a', which has not finished.*--from a"):
+        check_requirements(only_b, tmp_path, record_dir=rec)
+    run_steps(_req_chain("1", "1"), rec, root=tmp_path, echo=False, printer=lambda s: None)
+    check_requirements(only_b, tmp_path, record_dir=rec)  # a finished: nothing to say
+
+
 # ----------------------------------------------------------------------------------------------
 # the IRN step resumes an interrupted IRN training
 

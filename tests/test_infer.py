@@ -258,3 +258,24 @@ def test_clear_errors(small_run, monkeypatch, capsys, tmp_path):
     # the reference's non-existent default model is refused with the fix
     assert infer.main(base + ["--infer_list", str(work / "six.txt"), "--model", "aeft_gpp", "--ckpt", str(ckpt)]) == 2
     assert "--model ktse" in capsys.readouterr().err
+
+
+def test_missing_or_unreadable_checkpoint_leaves_saved_dicts(small_run, monkeypatch, capsys, tmp_path):
+    """The dictionaries of a finished run survive a rerun whose checkpoint is missing or unreadable (the
+    records used to begin, deleting every dict to redo, before the checkpoint was loaded)."""
+    work, voc, ids, ckpt = small_run
+    monkeypatch.chdir(tmp_path)
+    args = ["--name", "keep", "--load_epo", "0", "--dict", "--infer_list", str(work / "six.txt"), "--data_root",
+            str(voc), "--cls_labels", str(voc / "lists" / "cls_labels.npy"), "--device", "cpu", "--workers", "0",
+            "--threads", "1", "--no_progress"]
+    assert infer.main(args + ["--ckpt", str(ckpt)]) == 0
+    dict_dir = tmp_path / "experiments" / "keep" / "dict"
+    before = {p.name: p.stat().st_mtime_ns for p in dict_dir.glob("*.npy")}
+    assert len(before) == len(ids)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00not a checkpoint" * 64)
+    for ck in (tmp_path / "missing.pth", bad):
+        capsys.readouterr()
+        assert infer.main(args + ["--ckpt", str(ck)]) == 2
+        assert str(ck) in capsys.readouterr().err
+        assert {p.name: p.stat().st_mtime_ns for p in dict_dir.glob("*.npy")} == before, ck

@@ -145,6 +145,10 @@ def test_msf_inputs_tiny_image_and_faithful_sizes() -> None:
     tiny = np.full((1, 1, 3), 128, np.uint8)
     sizes = [x.shape[1:] for x in msf_inputs(tiny)]
     assert sizes == [(1, 1), (1, 1), (1, 1), (1, 1), (2, 2), (2, 2), (2, 2), (2, 2)]
+    # every input, the 1-pixel-wide flips included, becomes a tensor as infer.py does with --workers 0
+    import torch
+
+    assert all(torch.from_numpy(x).shape == x.shape for x in msf_inputs(tiny))
     # where the reference works the sizes are its Python-round sizes (ties to even)
     img = np.zeros((79, 101, 3), np.uint8)
     sizes = [x.shape[1:] for x in msf_inputs(img)[::2]]

@@ -275,8 +275,9 @@ def test_pipeline_redoes_a_changed_step_and_its_readers_only(tmp_path, capsys):
     capsys.readouterr()
     run_steps(_chain("lr2"), rec, root=tmp_path, dry_run=True)
     out = capsys.readouterr().out
-    assert "[skip] data" in out and "# train: the command changed" in out
-    assert "# infer: upstream step train redone since" in out and "# irn: upstream step train redone" in out
+    assert "[skip] data" in out and "# train: command changed (... " in out and "'lr1'" in out
+    assert "# infer: upstream step train changed" in out and "# irn: upstream step train changed" in out
+    assert "# eval: upstream step infer changed" in out
     assert not ran.exists()
     res = run_steps(_chain("lr2"), rec, root=tmp_path, echo=False)
     assert [r.skipped for r in res] == [True, False, False, False, False]
@@ -285,18 +286,78 @@ def test_pipeline_redoes_a_changed_step_and_its_readers_only(tmp_path, capsys):
     assert (tmp_path / "t.txt").read_text() == "lr2--overwrite" and (tmp_path / "i.txt").read_text() == "i--overwrite"
     ran.unlink()
     assert all(r.skipped for r in run_steps(_chain("lr2"), rec, root=tmp_path, echo=False)) and not ran.exists()
-    # a step redone on its own (its outputs deleted) redoes its readers too
+    # a step rerun on its own (its outputs deleted) with the same command and upstream keeps its digest
+    digest = json.loads((rec / "infer.json").read_text())["digest"]
     (tmp_path / "i.txt").unlink()
     res = run_steps(_chain("lr2"), rec, root=tmp_path, echo=False)
+    # infer ran again (same command: a plain run that may resume), so the step reading it is redone:
+    # a rerun need not give the same bytes (a GPU training is not bit-exact)
     assert [r.skipped for r in res] == [True, True, False, False, True]
-    assert (tmp_path / "i.txt").read_text() == "i"  # missing outputs, same record: a plain run (may resume)
-    # an interrupted attempt of another command is not resumed
+    assert (tmp_path / "i.txt").read_text() == "i"
+    assert json.loads((rec / "infer.json").read_text())["digest"] == digest
+    # an interrupted attempt of another command is not resumed: its running record names the command
+    from pipeline.runner import Step, StepFailed
+
+    broken = _chain("lr2")
+    broken[1] = Step("train", "stage1", ["python", "-c", "import sys; sys.exit(3)"], outputs=["t.txt"], needs=["data"])
+    with pytest.raises(StepFailed):
+        run_steps(broken, rec, root=tmp_path, echo=False)
+    assert json.loads((rec / "train.json").read_text())["state"] == "running"
+    ran.unlink()
+    lines: list[str] = []
+    res = run_steps(_chain("lr2"), rec, root=tmp_path, echo=False, printer=lines.append)
+    assert (tmp_path / "t.txt").read_text() == "lr2--overwrite"
+    assert ran.read_text().split() == ["t.txt", "i.txt", "e.txt", "r.txt"]  # train ran again: its readers too
+    assert any(s.startswith("\n[redo] train: an interrupted attempt was made differently: command changed")
+               for s in lines)
+    # the same, left by an older runner (<step>.start.json, no record): read as that runner's record
     (rec / "train.json").unlink()
     json.dump({"command": "python train.py --old", "upstream": {}}, (rec / "train.start.json").open("w"))
     ran.unlink()
     res = run_steps(_chain("lr2"), rec, root=tmp_path, echo=False)
     assert (tmp_path / "t.txt").read_text() == "lr2--overwrite" and ran.read_text().split()[0] == "t.txt"
     assert not (rec / "train.start.json").exists()
+    # run from a later step while the step it reads has no record: redone, saying so
+    (rec / "data.json").unlink()
+    capsys.readouterr()
+    run_steps(_chain("lr2")[1:2], rec, root=tmp_path, dry_run=True)
+    assert "# train: upstream step data has no record" in capsys.readouterr().out
+
+
+def test_pipeline_reads_the_records_of_an_older_runner(tmp_path, capsys):
+    """An experiment finished by the runner before provenance records (``command`` + ``upstream`` with
+    time-based digests) is skipped as it was; a changed command there redoes that step and its readers."""
+    from pipeline.runner import read_step_record, reader_identity, run_steps
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    chain = _chain()
+    digests = {s.name: f"{n:064x}" for n, s in enumerate(chain)}
+    for s in chain:
+        ups = s.needs or []
+        json.dump({"step": s.name, "stage": s.stage, "command": s.display(s.argv), "ran": s.display(s.argv),
+                   "upstream": {u: digests[u] for u in ups}, "digest": digests[s.name], "seconds": 1.5,
+                   "cpu_seconds": 1.0, "metrics": {"miou": 50.0}, "finished": "2026-01-01 00:00:00"},
+                  (rec / f"{s.name}.json").open("w"))
+        (tmp_path / s.outputs[0]).write_text("old")
+    converted = read_step_record(rec, "infer")
+    assert converted["state"] == "complete" and converted["seconds"] == 1.5
+    assert converted["inputs"] == {"train": {"record": reader_identity(read_step_record(rec, "train"))}}
+    res = run_steps(_chain(), rec, root=tmp_path, echo=False)
+    assert all(r.skipped for r in res) and [r.seconds for r in res] == [1.5] * 5
+    assert res[2].metrics == {"miou": 50.0} and not (tmp_path / "ran.txt").exists()
+    # an upstream digest that is not the one in that step's record: that step is redone
+    old = json.loads((rec / "eval.json").read_text())
+    json.dump({**old, "upstream": {"infer": "f" * 64}}, (rec / "eval.json").open("w"))
+    res = run_steps(_chain(), rec, root=tmp_path, echo=False)
+    assert [r.skipped for r in res] == [True, True, True, False, True]
+    assert (tmp_path / "ran.txt").read_text().split() == ["e.txt"]
+    (tmp_path / "ran.txt").unlink()
+    # a changed command in an older runner's experiment: that step and its readers, nothing before it
+    res = run_steps(_chain("lr2"), rec, root=tmp_path, echo=False)
+    assert [r.skipped for r in res] == [True, False, False, False, False]
+    assert (tmp_path / "ran.txt").read_text().split() == ["t.txt", "i.txt", "e.txt", "r.txt"]
+    assert all("format" in json.loads((rec / f"{s.name}.json").read_text()) for s in chain[1:])
 
 
 # ----------------------------------------------------------------------------------------------

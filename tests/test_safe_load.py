@@ -367,3 +367,18 @@ def test_evaluation_cli_refuses_a_crafted_dict_in_one_line(tmp_path, monkeypatch
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and str(victim.name) in err and text in err, err
         assert not marker.exists()
+
+
+def test_not_a_checkpoint_message_drops_torchs_weights_only_advice(tmp_path):
+    """A file that is no checkpoint at all: the one-line error keeps the unpickler's reason and not
+    torch's suggestion to load it with weights_only=False."""
+    from tools.checkpoint import load_torch_file
+    from tools.errors import WSSSError
+
+    bad = tmp_path / "x.pth"
+    bad.write_bytes(b"garbage" * 100)
+    with pytest.raises(WSSSError) as e:
+        load_torch_file(bad, "stage-one checkpoint")
+    msg = str(e.value)
+    assert str(bad) in msg and "\n" not in msg
+    assert "weights_only" not in msg and "Unsupported operand" in msg

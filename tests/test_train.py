@@ -96,3 +96,15 @@ def test_resume_after_kill_matches_uninterrupted_run(toy_voc: Path, tmp_path: Pa
     assert so["poly"] == fo["poly"]
     for i, s in fo["state"].items():
         assert torch.allclose(so["state"][i]["momentum_buffer"], s["momentum_buffer"], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_with_another_width_is_one_error(toy_voc: Path, tmp_path: Path, capsys, one_thread) -> None:
+    """--resume with settings that change the network's shapes: one error naming last.pth (it used to be
+    torch's size-mismatch traceback)."""
+    assert train.main(_args(toy_voc, tmp_path, "w", "--max_epochs", "1", "--val_epochs", "none")) == 0
+    capsys.readouterr()
+    a = _args(toy_voc, tmp_path, "w", "--max_epochs", "2", "--val_epochs", "none", "--resume")
+    a[a.index("--width") + 1] = "0.125"
+    assert train.main(a) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert err[-1].startswith("error: training state") and "last.pth" in err[-1] and "does not fit" in err[-1]

@@ -74,5 +74,10 @@ def load_torch_file(path: os.PathLike | str, what: str = "checkpoint", hint: str
         refused = torch_refused_global(e) if isinstance(e, pickle.UnpicklingError) else None
         if refused:
             raise UnsafeFileError(refusal_message(p, what, refused, holds)) from None
-        detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]  # one line, even for torch's long messages
+        text = str(e)
+        # torch's weights_only message suggests weights_only=False, wrong advice for a file that is not a
+        # checkpoint at all: keep only the unpickler's own reason
+        if "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
+        detail = " ".join(f"{type(e).__name__}: {text}".split())[:300]  # one line, even for torch's long messages
         raise WSSSError(f"cannot read {what} '{p}': {detail}. Is the file complete and a torch checkpoint?") from e

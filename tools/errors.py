@@ -180,6 +180,17 @@ class _ParentOnlySigint:
             signal.signal(signal.SIGINT, self.old)
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars a stopped step left open, so its message starts a line of its own (a bar
+    leaves the cursor after its last drawing, with no newline)."""
+    bar_cls = getattr(sys.modules.get("tqdm"), "tqdm", None)  # never import tqdm just for this
+    for bar in list(getattr(bar_cls, "_instances", None) or ()):
+        try:
+            bar.close()
+        except Exception:  # a half-torn-down bar must not hide the message it is closed for
+            pass
+
+
 def run_cli(fn: Callable[[Any], Any], args: Any) -> int:
     """Run ``fn(args)`` for a command-line entry point and return its exit status.
 
@@ -193,9 +204,11 @@ def run_cli(fn: Callable[[Any], Any], args: Any) -> int:
         with _ParentOnlySigint():
             fn(args)
     except WSSSError as e:
+        _end_progress_bars()
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        _end_progress_bars()
         # under torchrun every rank gets the Ctrl-C: rank 0 speaks for all of them
         if os.environ.get("RANK", "0") in ("", "0"):
             print(INTERRUPTED_MESSAGE, file=sys.stderr, flush=True)
@@ -204,6 +217,7 @@ def run_cli(fn: Callable[[Any], Any], args: Any) -> int:
         msg = os_error_message(e)
         if msg is None:
             raise
+        _end_progress_bars()
         print(f"error: {msg}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     return EXIT_OK

@@ -138,6 +138,22 @@ def _short(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+def _text_change(old: Any, new: Any) -> str:
+    """``old -> new``; two long strings (a command line) are cut to the words that differ, since their
+    shared start would fill the shortened text."""
+    if not (isinstance(old, str) and isinstance(new, str)) or max(len(old), len(new)) <= 60:
+        return f"{_short(old)} -> {_short(new)}"
+    a, b = old.split(" "), new.split(" ")
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    j = 0
+    while j < min(len(a), len(b)) - i and a[-1 - j] == b[-1 - j]:
+        j += 1
+    pre, post = ("... " if i else ""), (" ..." if j else "")
+    return " -> ".join(pre + _short(" ".join(w[i:len(w) - j])) + post for w in (a, b))
+
+
 def _describe_input(name: str, old: Any, new: Any) -> str:
     if isinstance(old, dict) and isinstance(new, dict):
         path = new.get("path") or old.get("path")
@@ -148,6 +164,8 @@ def _describe_input(name: str, old: Any, new: Any) -> str:
         if old.get("path") != new.get("path"):
             return f"{name} changed ({old.get('path')} -> {new.get('path')})"
         if "record" in new:
+            if path is None:  # a pipeline step's record (the runner names upstream steps, not folders)
+                return f"upstream step {name} " + ("has no record" if new["record"] is None else "changed")
             return f"{name} changed ({path} was recomputed)"
         if "mtime_ns" in new:
             return f"{name} changed ({path}: size/mtime differ)"
@@ -170,7 +188,7 @@ def describe_change(old: dict | None, new: dict) -> str | None:
     os_, ns = old.get("settings") or {}, new["settings"]
     for k in sorted(set(os_) | set(ns)):
         if os_.get(k) != ns.get(k):
-            parts.append(f"{k} changed ({_short(os_.get(k))} -> {_short(ns.get(k))})")
+            parts.append(f"{k} changed ({_text_change(os_.get(k), ns.get(k))})")
     return ", ".join(parts) or "record differs"
 
 
@@ -194,9 +212,10 @@ class Provenance:
     """
 
     def __init__(self, out: os.PathLike | str, step: str, version: int, inputs: dict, settings: dict,
-                 is_dir: bool = True) -> None:
+                 is_dir: bool = True, path: os.PathLike | str | None = None) -> None:
         self.out, self.step, self.is_dir = Path(out), step, is_dir
-        self.path = record_path_for(out, is_dir)
+        # ``path``: a record kept elsewhere than beside ``out`` (the pipeline runner's per-step records)
+        self.path = Path(path) if path is not None else record_path_for(out, is_dir)
         self.inputs = json.loads(json.dumps(inputs, default=str))
         self.settings = json.loads(json.dumps(settings, default=str))
         self.version = int(version)
@@ -206,11 +225,15 @@ class Provenance:
         self._items: dict = {}
         self._begun = False
 
-    def record(self, state: str, items: dict | None = None) -> dict:
+    def record(self, state: str, items: dict | None = None, extra: dict | None = None) -> dict:
+        """The record for ``state``; ``extra`` fields (figures that are not provenance, such as the
+        runner's wall time) are added after the provenance fields and never replace one of them."""
         rec = {"format": FORMAT, "step": self.step, "version": self.version, "state": state,
                "digest": self.digest, "inputs": self.inputs, "settings": self.settings}
         if items is not None:
             rec["items"] = items
+        for k, v in (extra or {}).items():
+            rec.setdefault(k, v)
         return rec
 
     def change(self) -> str | None:
@@ -279,19 +302,21 @@ class Provenance:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, self.record("running", keep), indent=None)
 
-    def finish(self) -> None:
-        """After the last output: mark the record ``complete`` (nothing when this run began nothing)."""
+    def finish(self, extra: dict | None = None) -> None:
+        """After the last output: mark the record ``complete`` (nothing when this run began nothing);
+        ``extra`` as in :meth:`record`."""
         if self._begun:
-            atomic_write_json(self.path, self.record("complete", self._items if self._items else None),
+            atomic_write_json(self.path, self.record("complete", self._items if self._items else None, extra),
                               indent=None)
             self._begun = False
 
     # --- a single output (trained weights) --------------------------------------------------------
 
-    def start_single(self) -> None:
-        """Write the ``running`` record of a single-output step (before it starts producing)."""
+    def start_single(self, extra: dict | None = None) -> None:
+        """Write the ``running`` record of a single-output step (before it starts producing); ``extra``
+        as in :meth:`record`."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, self.record("running"), indent=None)
+        atomic_write_json(self.path, self.record("running", extra=extra), indent=None)
         self._begun = True
 
 

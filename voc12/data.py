@@ -161,7 +161,9 @@ def msf_inputs(img: np.ndarray, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0)) 
         r = pil_resize(img, (scaled_side(h * s), scaled_side(w * s)), "bicubic")
         x = hwc_to_chw(normalize_imagenet(r))
         out.append(x)
-        out.append(np.ascontiguousarray(x[:, :, ::-1]))
+        # copy, not ascontiguousarray: a 1-pixel-wide flip already counts as contiguous for numpy but keeps
+        # its negative stride, which torch.from_numpy refuses
+        out.append(x[:, :, ::-1].copy())
     return out
 
 

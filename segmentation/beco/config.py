@@ -77,7 +77,11 @@ def load_config(path: os.PathLike | str | None) -> dict[str, Any]:
         p = Path(path)
         if not p.is_file():
             raise MissingFileError(f"config file not found: '{p}' (expected a JSON file like {base_p})")
-        over = _flatten(json.loads(p.read_text()), p.resolve())
+        try:
+            loaded = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WSSSError(f"config file '{p}' is not valid JSON ({e}); expected a JSON object like {base_p}") from None
+        over = _flatten(loaded, p.resolve())
         unknown = sorted(set(over) - set(flat))
         if unknown:
             raise WSSSError(f"config {p}: unknown key(s) {unknown}; known keys are those of {base_p}")

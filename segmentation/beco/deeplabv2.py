@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tools import dist as tdist
+from tools.errors import WSSSError
 from tools.checkpoint import load_state_dict_checked, load_torch_file
 from tools.provenance import sha256_file
 from voc12.dataset import VOC12
@@ -274,6 +275,7 @@ def build_deeplabv2(num_classes: int = VOC12.num_classes, backbone: str = "resne
     net = DeepLabV2(num_classes, backbone, output_stride, rates, width)
     if pretrained not in (None, "", "none", "None"):
         if width != 64:
-            raise ValueError(f"ImageNet weights need the standard width 64, got --backbone_width {width}")
+            raise WSSSError(f"ImageNet weights (--pretrained '{pretrained}') need the standard --backbone_width 64, "
+                            f"got {width}; pass --pretrained none for a narrower randomly initialised backbone.")
         load_imagenet_backbone(net.backbone, pretrained, backbone)
     return net

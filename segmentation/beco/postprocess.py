@@ -26,9 +26,10 @@ def wrapped_meansub_uint8(img: np.ndarray) -> np.ndarray:
     return (np.trunc(x).astype(np.int64) & 255).astype(np.uint8)
 
 
-def load_logits(path: str | os.PathLike) -> np.ndarray:
-    """One saved logits file as a float (C,h,w) array; a truncated, unreadable or misshapen file
-    raises :class:`DataError` naming it (one line) instead of numpy's traceback."""
+def load_logits(path: str | os.PathLike, num_classes: int | None = None) -> np.ndarray:
+    """One saved logits file as a float (C,h,w) array; a truncated, unreadable or misshapen file (or,
+    with ``num_classes``, one with another class count, or one holding NaN/inf) raises
+    :class:`DataError` naming it (one line) instead of numpy's traceback or a silently wrong score."""
     try:
         a = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -38,6 +39,14 @@ def load_logits(path: str | os.PathLike) -> np.ndarray:
     if a.ndim != 3 or not np.issubdtype(a.dtype, np.floating):
         raise DataError(f"logits file '{path}' holds a {a.dtype} array of shape {a.shape}, expected float "
                         "(classes, h, w) as main.py --test writes")
+    if num_classes is not None and a.shape[0] != num_classes:
+        raise DataError(f"logits file '{path}' has {a.shape[0]} classes, expected {num_classes} (--num_classes); "
+                        "was it written for another dataset?")
+    if num_classes is not None:
+        from tools.safe_load import require_finite
+
+        require_finite(a, path, "logits file", "(class scores)",
+                       "Rerun `python main.py --test --ckpt <file>` to write it again.")
     return a
 
 
