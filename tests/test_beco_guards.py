@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,8 @@ PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def _lines(err: str) -> list[str]:
     """stderr without tqdm's progress bars (they go to stderr too)."""
-    return [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln]
+    bar = re.compile(r"\d+/\d+ \[[^\]]*(it/s|s/it)")  # "1/3 [00:00<00:00,  2.25it/s, loss=4.93]"
+    return [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and not bar.search(ln)]
 
 
 TERMS = {"bdry_whb": "loss_ce1", "bdry_whi": "loss_ce2", "bdry_wlb": "loss_cot1", "bdry_wli": "loss_cot2"}
