@@ -273,7 +273,9 @@ def test_toy_pipeline_tiny_end_to_end(tmp_path: Path) -> None:
         for stage in ("stage one (KTSE+)", "IRN", "BECO", "BECO + CRF"):
             assert rows[stage]["miou"] is not None and 0 <= rows[stage]["miou"] <= 100, (stage, out[-3000:])
         # every stage beats the all-background baseline of its split (21-class means throughout; the
-        # tiny preset's figures are deterministic on one machine: 8.8 / 7.3 / 6.6 / 7.4 % against 3.5 %)
+        # tiny preset's figures are deterministic on one machine: 10.3 / 5.8 / 5.0 / 5.5 % against 3.5 %
+        # on the 2026-11-26 development machine; BECO gave 1.2 % there before its augmentation followed
+        # albumentations 1.3)
         for stage, split in (("stage one (KTSE+)", "train"), ("IRN", "train"), ("BECO", "val"), ("BECO + CRF", "val")):
             assert rows[stage]["split"] == split
             assert rows[stage]["miou"] > 1.3 * base[split]["all_background"], (stage, rows[stage], base[split])
