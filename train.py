@@ -27,6 +27,7 @@ from models.registry import model_name
 from tools import cli
 from tools.dataset import DatasetArgumentParser, add_dataset_arg
 from tools.errors import require_all, run_cli
+from tools.runtime import add_speed_args
 
 
 def _bool(v: str) -> bool:
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA with loss scaling, bf16 on CPU)")
     p.add_argument("--workers", type=cli.nonneg_int, default=4, help="DataLoader workers (the reference hard-codes 4)")
+    add_speed_args(p)  # --channels_last --compile --persistent_workers --cudnn_benchmark --amp_dtype (off)
     p.add_argument("--threads", type=cli.nonneg_int, default=0,
                    help="torch CPU threads (0 = torch default; 1 is much faster on a busy machine)")
     p.add_argument("--resume", action="store_true", help="continue from ckpt/last.pth when it exists")

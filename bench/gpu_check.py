@@ -53,8 +53,9 @@ import torch  # noqa: E402
 from bench._meta import machine_meta, meta_line  # noqa: E402
 from tools.errors import DeviceError, run_cli  # noqa: E402
 from tools.io import atomic_write_json  # noqa: E402
-from tools.misc import backward_step  # noqa: E402
-from tools.runtime import amp_dtype, amp_setup, autocast, poly_sgd, select_device  # noqa: E402
+from tools.misc import backward_step, seed_everything  # noqa: E402
+from tools.runtime import (amp_dtype, amp_setup, autocast, poly_sgd, prepare_module, select_device,  # noqa: E402
+                           set_backends, to_device)
 
 FIXTURES = ROOT / "tests" / "fixtures" / "reference"
 BECO_CONFIG = ROOT / "segmentation" / "configs" / "beco_deeplabv2_voc.json"
@@ -375,6 +376,49 @@ def _precision_runs(device: torch.device, prof: Profile, clock: Clock, out: dict
                     torch.cuda.empty_cache()
 
 
+# The opt-in speed flags of the trainers, each measured against the plain path ("off") on a fresh model
+# built from the same seed; parity = relative difference of the first step's loss (before any update).
+SPEED_TOGGLES = {"channels_last": 1e-3, "cudnn_benchmark": 1e-3, "bf16": 5e-2, "compile": 1e-3}
+
+
+def speed_toggles(device: torch.device, prof: Profile, clock: Clock, items: int,
+                  make: Callable[[str], Callable[[], torch.Tensor]]) -> dict[str, Any]:
+    """``{toggle: timed result + loss (+ rel_loss_err, parity_ok, speedup)}`` for "off" and each of
+    :data:`SPEED_TOGGLES`. ``make(toggle)`` builds a fresh model with that toggle and returns one training
+    step returning its loss. channels_last, cudnn_benchmark and compile are CUDA-only here (the trainers
+    ignore channels_last on CPU; compiling on CPU would take minutes)."""
+    out: dict[str, Any] = {}
+    base: dict[str, Any] | None = None
+    for toggle in ("off", *SPEED_TOGGLES):
+        if clock.left() <= 0:
+            out[toggle] = {"skipped": "section time cap reached"}
+            continue
+        if device.type != "cuda" and toggle not in ("off", "bf16"):
+            out[toggle] = {"skipped": "CUDA only"}
+            continue
+        old = torch.backends.cudnn.benchmark
+        try:
+            set_backends(device, benchmark=toggle == "cudnn_benchmark")
+            fn = make(toggle)
+            loss = float(fn())
+            res = timed(fn, items, device, prof.warmup, prof.repeats, clock)
+            res["loss"] = loss
+            if toggle == "off":
+                base = res
+            elif base is not None:
+                err = abs(loss - base["loss"]) / max(abs(base["loss"]), 1e-12)
+                res.update(rel_loss_err=err, tolerance=SPEED_TOGGLES[toggle], parity_ok=err <= SPEED_TOGGLES[toggle],
+                           speedup=res["images_per_s"] / base["images_per_s"])
+        except Exception as e:  # noqa: BLE001 - record and go on with the next toggle
+            res = {"error": error_text(e)}
+        finally:
+            torch.backends.cudnn.benchmark = old
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        out[toggle] = res
+    return out
+
+
 def _stage1_batch(batch: int, crop: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     img = torch.randn(batch, 3, crop, crop, generator=g)
@@ -418,6 +462,30 @@ def section_stage1_train(device: torch.device, prof: Profile, clock: Clock, out:
     out["setting"] = (f"Net_gpp width {prof.net_width}, crop {prof.crop}, phase cls = epoch < T (classification), "
                       "ktse = epoch >= T (4 forwards + PAR + all losses); images = samples (image pairs)")
     _precision_runs(device, prof, clock, out, configs, run_one)
+    del net, opt, step
+
+    def make(toggle: str) -> Callable[[], torch.Tensor]:
+        seed_everything(0)
+        net = Net_gpp(width=prof.net_width)
+        opt = build_optimizer(net, 0.01, 5e-4, 10 ** 6)
+        net.to(device).train()
+        cl = toggle == "channels_last"
+        step = prepare_module(KTSEStep(net, cfg=KTSEConfig(ktse_start_epoch=10)).to(device), device,
+                              channels_last=cl, compile=toggle == "compile")
+        ctx, scaler = amp_setup(device, toggle == "bf16", "bf16")
+        img, img2, y, y2 = _stage1_batch(prof.batches[0], prof.crop, device)
+        img, img2 = to_device(img, device, cl), to_device(img2, device, cl)
+
+        def fn() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            with ctx():
+                res = step(img, img2, y, y2, 10)
+            backward_step(res["loss"], opt, scaler)
+            return res["loss"].detach()
+
+        return fn
+
+    out["speed"] = speed_toggles(device, prof, clock, prof.batches[0], make)
 
 
 def _voc_image(hw: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -597,6 +665,26 @@ def section_beco_train(device: torch.device, prof: Profile, clock: Clock, out: d
                       f"per GPU, crop {prof.beco_crop}, after the warm-up (online labels on), class mix + strong "
                       "augmentation")
     _precision_runs(device, prof, clock, out, [("step", {})], run_one)
+    del model, opt
+
+    def make(toggle: str) -> Callable[[], torch.Tensor]:
+        model = _beco_model(prof, device, beco_schedule()["warm_up"])
+        seed_everything(0)  # class mix and augmentation draw from these; the first step must match
+        cl = toggle == "channels_last"
+        for k in ("network1", "network2"):
+            prepare_module(getattr(model, k), device, channels_last=cl, compile=toggle == "compile")
+        opt = build_optimizer(model, 0.01, 0.9, 1e-4)
+        ctx, scaler = amp_setup(device, toggle == "bf16", "bf16")
+        img, lab, msk = _beco_batch(prof, device)
+        img = to_device(img, device, cl)
+
+        def fn() -> torch.Tensor:
+            model.reseed_aug(0)  # the same strong augmentation every call, so the first losses compare
+            return train_step(model, opt, img, lab, msk, ctx, scaler)["loss"].detach()
+
+        return fn
+
+    out["speed"] = speed_toggles(device, prof, clock, prof.beco_batch, make)
 
 
 def section_beco_test(device: torch.device, prof: Profile, clock: Clock, out: dict) -> None:
@@ -759,7 +847,7 @@ def table_rows(sections: dict) -> list[tuple[str, str, str, str, str, str]]:
     rows = []
     for sec in SECTIONS[1:-1]:
         for config, by_prec in sections.get(sec, {}).items():
-            if not isinstance(by_prec, dict) or config in ("status", "error", "seconds"):
+            if not isinstance(by_prec, dict) or config in ("status", "error", "seconds", "speed"):
                 continue
             for prec, r in by_prec.items():
                 if not isinstance(r, dict):
@@ -783,6 +871,12 @@ def print_report(result: dict) -> None:
     print(f"{'section':<13} {'config':<15} {'prec':<5} {'images/s':>10} {'peak MiB':>9}  spread / note")
     for row in table_rows(result["sections"]):
         print(f"{row[0]:<13} {row[1]:<15} {row[2]:<5} {row[3]:>10} {row[4]:>9}  {row[5]}")
+    for sec in ("stage1_train", "beco_train"):
+        for toggle, r in result["sections"].get(sec, {}).get("speed", {}).items():
+            note = (f"x{r['speedup']:.2f}, loss rel err {r['rel_loss_err']:.1e} "
+                    f"{'ok' if r['parity_ok'] else 'OVER ' + str(r['tolerance'])}" if "speedup" in r
+                    else r.get("error") or r.get("skipped") or f"{r.get('images_per_s', 0):.3f} images/s")
+            print(f"  speed {sec:<12} {toggle:<15} {note}")
     ddp = result["sections"].get("ddp", {})
     for t in ("stage1", "irn", "beco"):
         if t in ddp:

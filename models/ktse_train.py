@@ -195,16 +195,18 @@ def train_one_epoch(model, opt, scaler, autocast, loader, n_iter: int, epo: int,
 
     from models.ktse import logged_terms, loss_log_line
     from tools.misc import backward_step
+    from tools.runtime import to_device
 
     bar = tqdm(total=n_iter, desc=f"epoch {epo:03d}", disable=not main, dynamic_ncols=True, leave=False)
     epoch_sums: dict[str, float] = {}
     for i, batch in enumerate(loader):
         if i >= n_iter:
             break
-        img = batch["img_a"].to(device, non_blocking=True)
-        img2 = batch["img_a2"].to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True)
-        y2 = batch["label2"].to(device, non_blocking=True)
+        cl = getattr(args, "channels_last", False)
+        img = to_device(batch["img_a"], device, cl)
+        img2 = to_device(batch["img_a2"], device, cl)
+        y = to_device(batch["label"], device)
+        y2 = to_device(batch["label2"], device)
         opt.zero_grad(set_to_none=True)
         with autocast():
             out = model(img, img2, y, y2, epo)
@@ -244,7 +246,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from tools import dist
     from tools.logging_utils import TBWriter, setup_logger
     from tools.misc import seed_everything
-    from tools.runtime import amp_setup, setup_runtime
+    from tools.runtime import amp_setup, loader_kwargs, prepare_module, set_backends, setup_runtime
     from tools.train_state import set_rng_state
     from voc12.data import ClsPairDataset, check_voc_root, load_cls_labels, read_id_list
 
@@ -259,6 +261,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     main, world, device = rt.is_main, rt.world_size, rt.device
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    set_backends(device, benchmark=getattr(args, "cudnn_benchmark", False))
     seed_everything(args.seed)
 
     crop = int(args.crop[0])
@@ -325,7 +328,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     net.to(device)
     net.train()
     step_module = method.build_step(net, args).to(device)  # its loss settings from the flags (KTSEConfig.from_flags)
-    autocast, scaler = amp_setup(device, args.amp)
+    autocast, scaler = amp_setup(device, args.amp, getattr(args, "amp_dtype", "auto"))
 
     start_epoch, global_step = 0, 0
     history: list[str] = []
@@ -349,6 +352,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             means.load(st["running"])
         set_rng_state(st["rng"])
         log(f"Resumed from {paths.last}: epoch {start_epoch:03d}, global step {global_step}")
+    # channels_last before DDP (its gradient buckets follow the parameters' layout), compile after
+    cl, compiled = getattr(args, "channels_last", False), getattr(args, "compile", False)
+    prepare_module(step_module, device, channels_last=cl)
     if args.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -357,6 +363,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         log("Networks are uploaded on multi-gpu.")
     else:
         model = step_module
+    model = prepare_module(model, device, compile=compiled)  # checkpoints keep using ``net``
     tb = TBWriter(paths.tb, enabled=main)
 
     log("-" * 49 + " Start Train " + "-" * 49)
@@ -373,8 +380,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                      seed=args.seed, drop_last=True)
         sampler.set_epoch(epo)
         loader = DataLoader(train_set, batch_size=gbatch // world, sampler=sampler, drop_last=True,
-                            num_workers=args.workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
+                            **loader_kwargs(device, args.workers, getattr(args, "persistent_workers", False)))
         n_iter = len(loader) if args.epoch_iters <= 0 else min(len(loader), args.epoch_iters)
         if n_iter == 0:
             raise DataError(f"{len(train_set)} training images give no full batch of {gbatch}: "

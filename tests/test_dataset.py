@@ -87,8 +87,13 @@ SKIP_PREFIXES = ("voc12/dataset.py", "tests/", "bench/")
 
 
 def _python_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.split()
+    try:  # the files git would commit (generated and ignored ones left out)
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):  # an unpacked archive without .git: walk the tree
+        skip = {".git", "build", "dist", "experiments", "data", "__pycache__"}
+        out = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py")
+               if not skip & set(p.relative_to(ROOT).parts) and not any(x.endswith(".egg-info") for x in p.parts)]
     return sorted(f for f in set(out) if (ROOT / f).is_file() and not f.startswith(SKIP_PREFIXES))
 
 

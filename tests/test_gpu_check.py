@@ -34,6 +34,11 @@ def test_quick_mode_runs_every_section(quick):
     assert len(rows) == 23  # 8 stage-one + 2 CAM + 4 + 3 IRN label + 2 IRN train + 2 BECO train + 2 BECO test
     for sec, config, prec, rate, _, _ in rows:
         assert float(rate) > 0, (sec, config, prec)
+    for sec in ("stage1_train", "beco_train"):  # the speed toggles: plain and bf16 measured on CPU
+        speed = quick["sections"][sec]["speed"]
+        assert set(speed) == {"off", *gpu_check.SPEED_TOGGLES}, speed
+        assert speed["off"]["images_per_s"] > 0 and speed["bf16"]["parity_ok"], speed["bf16"]
+        assert all(speed[t] == {"skipped": "CUDA only"} for t in ("channels_last", "cudnn_benchmark", "compile"))
     walk = quick["sections"]["irn_label"]["walk_chunked"]["fp32"]
     assert walk["walk_bytes_estimate"] > 0 and walk["grid_hw"] == [10, 13]
     ddp = quick["sections"]["ddp"]

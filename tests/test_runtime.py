@@ -237,3 +237,128 @@ def test_keep_last_n(tmp_path):
     _touch(tmp_path, ["ckpt_epoch_3.pth", "ckpt_epoch_9.pth", "ckpt_epoch_4.pth"])
     keep_last(numbered_files(tmp_path, r"ckpt_epoch_(\d+)\.pth"), 4, 1)
     assert sorted(p.name for p in tmp_path.glob("ckpt_epoch_*")) == ["ckpt_epoch_4.pth"]
+
+
+# ---------------------------------------------------------------------------------------------- speed flags
+SPEED_FLAGS = ("channels_last", "compile", "persistent_workers")
+
+
+def _stage1_parser():
+    from conftest import cli_module
+
+    return cli_module("train.py").build_parser()
+
+
+def test_speed_flags_parse_and_default_off():
+    from segmentation.beco.config import parse_args
+
+    p = _stage1_parser()
+    off = p.parse_args(["--name", "x"])
+    assert not any(getattr(off, f) for f in SPEED_FLAGS + ("cudnn_benchmark",)) and off.amp_dtype == "auto"
+    on = p.parse_args(["--name", "x", "--channels_last", "--compile", "--persistent_workers",
+                       "--cudnn_benchmark", "--amp_dtype", "bf16"])
+    assert all(getattr(on, f) for f in SPEED_FLAGS + ("cudnn_benchmark",)) and on.amp_dtype == "bf16"
+    beco_off = parse_args([])
+    assert not any(getattr(beco_off, f) for f in SPEED_FLAGS) and beco_off.amp_dtype == "auto"
+    beco_on = parse_args(["--channels_last", "--compile", "--persistent_workers"])
+    assert all(getattr(beco_on, f) for f in SPEED_FLAGS)
+
+
+@pytest.fixture
+def restore_backends():
+    old = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+           torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = old
+
+
+def test_set_backends_from_flags(restore_backends):
+    from tools.runtime import set_backends
+
+    torch.backends.cudnn.benchmark = False
+    set_backends(torch.device("cpu"), benchmark=True, deterministic=True, tf32=True)  # CPU: untouched
+    assert torch.backends.cudnn.benchmark is False
+    cuda = torch.device("cuda")  # only the device type is read; no GPU needed
+    set_backends(cuda, benchmark=True)
+    assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False
+    set_backends(cuda, benchmark=False, deterministic=True, tf32=False)
+    assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
+    assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+
+
+def test_loader_kwargs_pin_on_cuda_persistent_only_with_workers():
+    from tools.runtime import loader_kwargs
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loader_kwargs(cpu, 4) == {"num_workers": 4, "pin_memory": False, "persistent_workers": False}
+    assert loader_kwargs(cuda, 4)["pin_memory"] is True
+    assert loader_kwargs(cuda, 4, persistent=True)["persistent_workers"] is True
+    assert loader_kwargs(cuda, 0, persistent=True)["persistent_workers"] is False  # DataLoader refuses it
+
+
+def test_channels_last_only_on_cuda_and_values_kept():
+    from tools.runtime import channels_last_on, prepare_module, to_device
+
+    cpu = torch.device("cpu")
+    assert channels_last_on(torch.device("cuda"), True) and not channels_last_on(cpu, True)
+    assert not channels_last_on(torch.device("cuda"), False)
+    x = torch.randn(2, 3, 5, 7)
+    y = to_device(x, cpu, channels_last=True)
+    assert torch.equal(x, y) and y.is_contiguous()  # CPU: standard layout stays
+    conv = torch.nn.Conv2d(3, 4, 3)
+    prepare_module(conv, cpu, channels_last=True)
+    assert conv.weight.is_contiguous()
+
+
+def _record_compile(monkeypatch) -> list:
+    calls: list = []
+
+    def fake_compile(fn, *a, **k):  # identity: the tests never compile for real
+        calls.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return calls
+
+
+def test_prepare_module_compiles_in_place_and_keeps_keys(monkeypatch):
+    from tools.runtime import prepare_module
+
+    calls = _record_compile(monkeypatch)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    keys = list(net.state_dict())
+    assert prepare_module(net, torch.device("cpu")) is net and calls == []
+    assert prepare_module(net, torch.device("cpu"), compile=True) is net and len(calls) == 1
+    assert list(net.state_dict()) == keys
+    x = torch.randn(1, 3, 6, 6)
+    assert torch.equal(net(x), net[1](net[0](x)))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_stage_one_and_beco_call_compile_with_the_flag(toy_voc, tmp_path, monkeypatch, one_thread):
+    """Both trainers hand their training networks to torch.compile with --compile (stopped right after)."""
+    from conftest import cli_module
+
+    import segmentation.beco.engine as engine
+    import tools.logging_utils as lu
+    from segmentation.beco.config import parse_args
+    from test_segmentation_cli import _flags
+    from test_train import _args
+
+    calls = _record_compile(monkeypatch)
+
+    def stop(*a, **k):
+        raise _Stop
+
+    monkeypatch.setattr(lu, "TBWriter", stop)  # stage one builds it right after preparing the model
+    with pytest.raises(_Stop):
+        cli_module("train.py").train(_stage1_parser().parse_args(_args(toy_voc, tmp_path, "s1", "--compile")))
+    assert len(calls) == 1
+    monkeypatch.setattr(engine, "read_id_list", stop)  # BECO reads its list right after
+    with pytest.raises(_Stop):
+        engine.run(parse_args(_flags(toy_voc, tmp_path, "beco") + ["--compile"]))
+    assert len(calls) == 3  # network1 and network2

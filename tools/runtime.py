@@ -10,6 +10,9 @@ One place for each mechanism a trainer needs around its loop body:
   ``GradScaler`` (fp16 with loss scaling on CUDA, bf16 without a scaler on CPU).
 - :func:`sgd_momentum`, :func:`poly_sgd`, :class:`PolySchedule`: SGD plus the poly learning-rate rule,
   with the reference's momentum quirk as an explicit argument.
+- :func:`add_speed_args`, :func:`set_backends`, :func:`loader_kwargs`, :func:`to_device`,
+  :func:`prepare_module`: the opt-in GPU speed features (channels_last, cudnn.benchmark, pinned memory with
+  non-blocking copies, persistent loader workers, torch.compile), each off by default.
 
 Saving and loading the full training state (RNG included) lives in :mod:`tools.train_state`.
 """
@@ -27,7 +30,8 @@ from tools import dist as tdist
 from tools.misc import get_device, poly_lr
 
 __all__ = ["Runtime", "select_device", "setup_runtime", "spawn_per_gpu", "free_port", "amp_dtype", "autocast",
-           "amp_setup", "sgd_momentum", "poly_sgd", "PolySchedule", "get_device", "poly_lr"]
+           "amp_setup", "sgd_momentum", "poly_sgd", "PolySchedule", "get_device", "poly_lr", "add_speed_args",
+           "set_backends", "loader_kwargs", "channels_last_on", "to_device", "prepare_module"]
 
 
 # ---------------------------------------------------------------------------------------------- device
@@ -125,6 +129,73 @@ def amp_setup(device: torch.device, enabled: bool, choice: str = "auto"
     dtype = amp_dtype(device, choice)
     scaler = torch.amp.GradScaler("cuda") if (dtype == torch.float16 and device.type == "cuda") else None
     return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler
+
+
+# ---------------------------------------------------------------------------------------------- speed
+def add_speed_args(p: Any, cudnn_benchmark: bool = True, amp_dtype: bool = True) -> None:
+    """Add the opt-in GPU speed flags to argparse parser ``p`` (all off by default):
+    ``--channels_last``, ``--compile``, ``--persistent_workers``, and unless told otherwise
+    ``--cudnn_benchmark`` and ``--amp_dtype`` (a trainer that already has its own leaves them out)."""
+    p.add_argument("--channels_last", action="store_true",
+                   help="channels_last memory format for the training network and its input batches "
+                        "(CUDA only: ignored on CPU, where a channels_last backward can crash)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training network (first steps are slow while it compiles)")
+    p.add_argument("--persistent_workers", action="store_true",
+                   help="keep DataLoader workers alive across epochs (workers then draw their augmentation "
+                        "seeds once, not per epoch, so the crops differ from a run without it)")
+    if cudnn_benchmark:
+        p.add_argument("--cudnn_benchmark", action="store_true",
+                       help="cudnn.benchmark: pick the fastest convolution kernels per input shape (CUDA)")
+    if amp_dtype:
+        p.add_argument("--amp_dtype", default="auto", choices=["auto", "fp16", "bf16"],
+                       help="autocast dtype with --amp: auto = fp16 with loss scaling on CUDA, bf16 on CPU")
+
+
+def set_backends(device: torch.device, benchmark: bool = False, deterministic: bool = False,
+                 tf32: bool | None = None) -> None:
+    """Set the cuDNN/TF32 switches of this process from the trainer's flags; nothing happens on CPU.
+    ``tf32`` None leaves PyTorch's TF32 settings as they are."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = bool(benchmark)
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    if tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
+
+
+def loader_kwargs(device: torch.device, workers: int, persistent: bool = False) -> dict[str, Any]:
+    """DataLoader keyword arguments: ``num_workers``, ``pin_memory`` on CUDA (pair it with
+    :func:`to_device`'s non-blocking copy) and ``persistent_workers`` (only meaningful with workers)."""
+    return {"num_workers": int(workers), "pin_memory": device.type == "cuda",
+            "persistent_workers": bool(persistent) and int(workers) > 0}
+
+
+def channels_last_on(device: torch.device, enabled: bool) -> bool:
+    """Whether ``--channels_last`` applies: only on CUDA (a channels_last CPU backward has crashed)."""
+    return bool(enabled) and device.type == "cuda"
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """``x`` on ``device`` with a non-blocking copy (safe: the consumer runs on the same stream); a 4-D
+    ``x`` (N, C, H, W) in channels_last format when :func:`channels_last_on`. Same values and shape."""
+    x = x.to(device, non_blocking=True)
+    if x.dim() == 4 and channels_last_on(device, channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def prepare_module(module: torch.nn.Module, device: torch.device, channels_last: bool = False,
+                   compile: bool = False) -> torch.nn.Module:
+    """Apply the module-side speed flags in place: channels_last parameters (CUDA only), then
+    ``torch.compile`` of its forward when asked (``Module.compile``: the state-dict keys and attributes
+    stay as they are, so checkpoints and DDP unwrapping are unaffected). Returns ``module``."""
+    if channels_last_on(device, channels_last):
+        module.to(memory_format=torch.channels_last)
+    if compile:
+        module.compile()
+    return module
 
 
 # ---------------------------------------------------------------------------------------------- SGD + poly

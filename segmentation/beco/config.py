@@ -18,6 +18,7 @@ from tools.cli import (DEVICE_HELP, device as device_arg, fraction, nonneg_float
                        positive_float, positive_int)
 from tools.dataset import DATASET_NAMES, dataset_of
 from tools.errors import MissingFileError, WSSSError
+from tools.runtime import add_speed_args
 from tools.misc import str2bool
 
 SEG_DIR = Path(__file__).resolve().parent.parent
@@ -119,6 +120,8 @@ def build_parser(cfg: dict[str, Any]) -> argparse.ArgumentParser:
     ap.add_argument("--nproc", type=positive_int, default=None,
                     help="processes to spawn with -dist outside torchrun (default: visible GPUs, or 1)")
     ap.add_argument("--determ", action="store_true", help="cudnn deterministic (else cudnn.benchmark)")
+    # --channels_last --compile --persistent_workers (off); cudnn.benchmark follows --determ, --amp_dtype is above
+    add_speed_args(ap, cudnn_benchmark=False, amp_dtype=False)
     ap.add_argument("--gpu_id", default=None, help="sets CUDA_VISIBLE_DEVICES")
     ap.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     ap.add_argument("--threads", type=nonneg_int, default=0,

@@ -35,7 +35,8 @@ from tools.logging_utils import TBWriter, setup_logger
 from tools.layout import BECOLayout
 from tools.metrics import confusion_matrix, metrics_record, present_class_scores, write_metrics
 from tools.misc import backward_step
-from tools.runtime import PolySchedule, amp_setup, poly_sgd, select_device, spawn_per_gpu
+from tools.runtime import (PolySchedule, amp_setup, loader_kwargs, poly_sgd, prepare_module, select_device,
+                           set_backends, spawn_per_gpu, to_device)
 from tools.train_state import keep_last, numbered_files, reseed_epoch, save_training_state
 from voc12.data import read_id_list
 
@@ -133,8 +134,7 @@ def eval_loader(args: argparse.Namespace, device: torch.device) -> DataLoader:
     ds = ResizedValSet(args.data_root, ids, args.val_size, args.val_label_folder, dataset=dataset_of(args))
     # Interleaved share per rank without padding: no duplicated images bias the metric.
     idx = tdist.split_for_rank(list(range(len(ds))))
-    return DataLoader(Subset(ds, idx), batch_size=1, shuffle=False, num_workers=min(args.num_workers, 2),
-                      pin_memory=device.type == "cuda")
+    return DataLoader(Subset(ds, idx), batch_size=1, shuffle=False, **loader_kwargs(device, min(args.num_workers, 2)))
 
 
 @torch.no_grad()
@@ -220,11 +220,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rank = tdist.get_rank()
     main_proc = tdist.is_main_process()
     device = select_device(args.device, args.gpu if tdist.is_dist() else None)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the reference
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.deterministic = bool(args.determ)
-        torch.backends.cudnn.benchmark = not args.determ
+    # as the reference: TF32 on, cudnn.benchmark unless --determ
+    set_backends(device, benchmark=not args.determ, deterministic=bool(args.determ), tf32=True)
     dataset_defaults(args)
     resolve_lists(args)
     logdir = logging_dir(args)
@@ -250,6 +247,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # ImageNet init only for a fresh training run (testing needs only the val data and --ckpt).
     model = build_model(args, load_imagenet=not args.test and ckpt_path is None)
     model.to(device)
+    for k in ("network1", "network2"):  # in place, before DDP; checkpoint keys are unchanged
+        prepare_module(getattr(model, k), device, getattr(args, "channels_last", False),
+                       compile=getattr(args, "compile", False) and not args.test)
     ckpt = None
     if ckpt_path is not None:
         ckpt = load_torch_file(ckpt_path, "BECO checkpoint",
@@ -276,8 +276,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         sampler = torch.utils.data.RandomSampler(train_set, generator=gen)
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=_worker_init, generator=gen)
+                        worker_init_fn=_worker_init, generator=gen,
+                        **loader_kwargs(device, args.num_workers, getattr(args, "persistent_workers", False)))
     if len(loader) == 0:
         raise WSSSError(f"training list {args.train_list} has {len(train_set)} ids: fewer than one batch of "
                         f"{args.batch_size} per process x {tdist.get_world_size()} process(es)")
@@ -318,7 +318,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    dynamic_ncols=True)
         for inner, (img, lab, msk, _) in enumerate(bar):
             schedule.apply(optimizer, global_iter)
-            img, lab, msk = img.to(device), lab.to(device), msk.to(device)
+            img = to_device(img, device, getattr(args, "channels_last", False))
+            lab, msk = to_device(lab, device), to_device(msk, device)
             losses = train_step(model, optimizer, img, lab, msk, autocast, scaler)
             global_iter += 1
             if main_proc:
