@@ -295,10 +295,10 @@ def test_random_resized_crop_matches_torchvision():
 
 def test_amp_bf16_cpu_step(one_thread):
     """--amp on CPU: bf16 autocast, no GradScaler; the losses stay float32 and finite."""
-    import argparse
-    from segmentation.beco.engine import autocast_factory, build_optimizer, train_step
+    from segmentation.beco.engine import build_optimizer, train_step
+    from tools.runtime import amp_setup
 
-    ac, scaler = autocast_factory(argparse.Namespace(amp=True, amp_dtype="auto"), torch.device("cpu"))
+    ac, scaler = amp_setup(torch.device("cpu"), True, "auto")
     assert scaler is None
     torch.manual_seed(0)
     nets = [build_deeplabv2(backbone="resnet18", width=8) for _ in range(2)]

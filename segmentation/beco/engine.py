@@ -96,11 +96,6 @@ def build_model(args: argparse.Namespace, load_imagenet: bool = True) -> BECO:
     return BECO(nets[0], nets[1], settings_from(args))
 
 
-def autocast_factory(args: argparse.Namespace, device: torch.device):
-    """``(autocast factory, GradScaler or None)`` of this run's ``--amp``/``--amp_dtype`` (tools.runtime)."""
-    return amp_setup(device, args.amp, getattr(args, "amp_dtype", "auto"))
-
-
 def eval_autocast(args: argparse.Namespace, train_autocast):
     """The autocast factory for validation/test: fp32 (a null context) as the reference, which wraps
     only its training step in autocast; the training one with ``--amp_eval``."""
@@ -233,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logger.disabled = True
     tb = TBWriter(logdir, enabled=main_proc)
     reseed_epoch(args.seed, -1, rank)
-    autocast, scaler = autocast_factory(args, device)
+    autocast, scaler = amp_setup(device, args.amp, getattr(args, "amp_dtype", "auto"))
     eval_ac = eval_autocast(args, autocast)
 
     ckpt_path = args.ckpt
