@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script from anywhere: make the repo im
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline.plan import (PRESET_DATASETS, STAGE_TITLES, STAGES, TOY_SIZES, build_steps, default_config, paths_for,
-                           select_steps)
+                           select_steps, train_pred_layout)
 from pipeline.report import (GridColumn, ReportInputs, StageRow, format_table, read_json, rows_from_json,
                              rows_to_json, trivial_baselines, write_report)
 from pipeline.runner import (REPO_ROOT, StepInterrupted, StepResult, check_requirements, collect_results,
@@ -72,33 +72,57 @@ def _stage_seconds(results: list[StepResult], stage: str, attr: str = "seconds")
 
 
 def build_rows(results: list[StepResult], baselines: dict[str, dict], toy: bool) -> list[StageRow]:
-    """The final table from the step results (figures recorded by each step's metrics reader)."""
+    """The final table from the step results (figures recorded by each step's metrics reader). The
+    headline mIoU is the mean over the classes present in the ground truth (BECO test.py's definition,
+    also for the seeds and pseudo-labels, from their confusion matrices); the all-class mean is kept in
+    ``miou_all``. Baseline: the better trivial one under the same mean."""
     by = {r.name: r.metrics for r in results}
 
     def base(split: str) -> float | None:
         b = baselines.get(split) or {}
-        vals = [v for k, v in b.items() if k in ("all_background", "centre_box")]
+        vals = [v for k, v in b.items() if k in ("all_background_present", "centre_box_present")]
         return max(vals) if vals else None
+
+    def row(stage: str, metric: str, split: str, m: dict, extra: str = "") -> StageRow:
+        head = m.get("miou_present", m.get("miou"))
+        return StageRow(STAGE_TITLES[stage], metric, split, head, base(split), _stage_seconds(results, stage),
+                        extra, miou_all=m.get("miou21"))
 
     rows = [StageRow(STAGE_TITLES["data"], "toy set + lists" if toy else "lists + class labels", "",
                      seconds=_stage_seconds(results, "data"))]
     cam = by.get("eval_cam", {})
-    rows.append(StageRow(STAGE_TITLES["stage1"], "CAM seeds, best threshold", "train", cam.get("miou"), base("train"),
-                         _stage_seconds(results, "stage1"),
-                         f"t={cam['best_th']:.2f}" if cam.get("best_th") is not None else ""))
-    rows.append(StageRow(STAGE_TITLES["irn"], "pseudo-labels (random walk)", "train", by.get("eval_irn", {}).get("miou"),
-                         base("train"), _stage_seconds(results, "irn")))
-    for stage, step in (("beco", "beco_score"), ("crf", "beco_crf")):
-        # the all-class mean (as the seeds, pseudo-labels and baselines) when test.py's confusion matrix
-        # is there; test.py's own figure averages the classes present, which differs on the toy sets
-        m = by.get(step, {})
-        m21, mt = m.get("miou21"), m.get("miou")
-        note = f"test.py {mt:.2f}% over present classes" if m21 is not None and mt is not None and abs(m21 - mt) > 5e-3 else ""
-        rows.append(StageRow(STAGE_TITLES[stage], "val mIoU (test.py" + (" --crf)" if stage == "crf" else ")"), "val",
-                             m21 if m21 is not None else mt, base("val"), _stage_seconds(results, stage), note))
-    for row, stage in zip(rows, ("data", "stage1", "irn", "beco", "crf")):
-        row.cpu_seconds = _stage_seconds(results, stage, "cpu_seconds")
+    rows.append(row("stage1", "CAM seeds, best threshold", "train", cam,
+                    f"t={cam['best_th']:.2f}" if cam.get("best_th") is not None else ""))
+    rows.append(row("irn", "pseudo-labels (random walk)", "train", by.get("eval_irn", {})))
+    on_train = by.get("beco_train_pred", {}).get("miou_present")
+    rows.append(row("beco", "val mIoU (test.py)", "val", by.get("beco_score", {}),
+                    f"on train {on_train:.2f}%" if on_train is not None else ""))
+    rows.append(row("crf", "val mIoU (test.py --crf)", "val", by.get("beco_crf", {})))
+    for r, stage in zip(rows, ("data", "stage1", "irn", "beco", "crf")):
+        r.cpu_seconds = _stage_seconds(results, stage, "cpu_seconds")
     return rows
+
+
+#: summary.json's stage keys and the table stages they come from
+SUMMARY_STAGES = {"seeds": "stage1", "pseudo_labels": "irn", "beco": "beco", "beco_crf": "crf"}
+
+
+def stage_summary(rows: list[StageRow], baselines: dict[str, dict], results: list[StepResult]) -> dict:
+    """``experiments/<name>/summary.json``: per stage (seeds, pseudo_labels, beco, beco_crf) the
+    headline mIoU (``miou_present``), the all-class mean, both trivial baselines on the stage's split
+    under the headline mean, and the stage's wall and CPU seconds; ``total_wall_s`` sums every step's
+    recorded wall time (percent values; None where a figure is not there yet)."""
+    by_title = {r.stage: r for r in rows}
+    stages = {}
+    for key, stage in SUMMARY_STAGES.items():
+        r = by_title[STAGE_TITLES[stage]]
+        b = baselines.get(r.split) or {}
+        stages[key] = {"miou_present": r.miou, "miou_all_classes": r.miou_all,
+                       "baseline_centre_box": b.get("centre_box_present"),
+                       "baseline_all_bg": b.get("all_background_present"),
+                       "wall_s": r.seconds, "cpu_s": r.cpu_seconds}
+    total = sum(x.seconds for x in results if x.seconds is not None)
+    return {"stages": stages, "total_wall_s": round(float(total), 3)}
 
 
 def compute_baselines(cfg, lists: Path) -> dict[str, dict]:
@@ -172,13 +196,16 @@ def run(args: argparse.Namespace) -> None:
     title = f"\nKTSE+ pipeline '{cfg.name}' ({cfg.preset}), this run {time.perf_counter() - t0:.1f} s"
     print(format_table(rows, title))
     for split, b in baselines.items():
-        print(f"trivial baselines on {split}: all background {b['all_background']:.2f}%, centre box "
-              f"{b.get('centre_box', float('nan')):.2f}% (area {b.get('centre_box_area', float('nan')):.2f})")
+        print(f"trivial baselines on {split} (classes present): all background {b['all_background_present']:.2f}%, "
+              f"centre box {b.get('centre_box_present', float('nan')):.2f}% "
+              f"(area {b.get('centre_box_present_area', float('nan')):.2f}); all-class means "
+              f"{b['all_background']:.2f}% and {b.get('centre_box', float('nan')):.2f}%")
     summary = {"preset": cfg.preset, "size": cfg.size if cfg.preset == "toy" else None, "name": cfg.name,
                "data_root": cfg.data_root, "rows": rows_to_json(rows), "baselines": baselines,
                "steps": [{"name": r.name, "stage": r.stage, "command": r.command, "seconds": r.seconds,
                           "cpu_seconds": r.cpu_seconds, "metrics": r.metrics} for r in all_results]}
     atomic_write_json(record_dir / "summary.json", summary)
+    atomic_write_json(exp / "summary.json", stage_summary(rows, baselines, all_results))
     if not args.no_report:
         md = write_report(report_inputs(cfg, rows, all_results))
         print(f"report: {md.relative_to(REPO_ROOT)}")
@@ -199,28 +226,26 @@ def auto_notes(rows: list[StageRow]) -> list[str]:
     return notes
 
 
-def beco_pred_title(pred_dir: Path) -> str:
-    """test.py keeps one prediction folder (CRF or not, per its settings.json): say which."""
-    stamp = read_json(pred_dir / "settings.json") or {}
-    return "BECO + CRF" if stamp.get("crf") else "BECO"
-
-
 def report_inputs(cfg, rows: list[StageRow], results: list[StepResult]) -> ReportInputs:
     from voc12.data import read_id_list
 
     p = paths_for(cfg)
     lists = REPO_ROOT / cfg.lists_dir
+    # the same six training images in every column: they have CAMs, seeds, pseudo-labels and masks, and
+    # (toy runs) BECO's predictions of the training images
     examples: list[tuple[str, str]] = []
-    for split, n in (("train", 3), ("val", 2)):
-        lst = lists / f"{split}.txt"
-        if lst.is_file():
-            examples += [(split, i) for i in read_id_list(lst)[:n]]
+    lst = lists / "train.txt"
+    if lst.is_file():
+        examples = [("train", i) for i in read_id_list(lst)[:6]]
     gt = get_dataset(cfg.dataset).gt_dir(REPO_ROOT / cfg.data_root)
     cols = [GridColumn("image", "image"), GridColumn("ground truth", "gt", gt),
-            GridColumn("CAM seed", "cam", REPO_ROOT / p.dict_dir, ".npy"),
-            GridColumn("IRN pseudo-label", "label", REPO_ROOT / p.irn_sem_seg),
-            GridColumn("IRN mask", "mask", REPO_ROOT / p.irn_mask),
-            GridColumn(beco_pred_title(REPO_ROOT / p.beco.val_pred), "label", REPO_ROOT / p.beco.val_pred)]
+            GridColumn("CAM", "heat", REPO_ROOT / p.dict_dir, ".npy"),
+            GridColumn("seed", "cam", REPO_ROOT / p.dict_dir, ".npy"),
+            GridColumn("pseudo-label + mask", "label_mask", REPO_ROOT / p.irn_sem_seg,
+                       mask_folder=REPO_ROOT / p.irn_mask)]
+    if cfg.preset == "toy":
+        logits = REPO_ROOT / train_pred_layout(cfg).logits_msc
+        cols += [GridColumn("BECO", "logits", logits, ".npy"), GridColumn("BECO + CRF", "logits_crf", logits, ".npy")]
     series = {"CAM seeds (train)": REPO_ROOT / p.cam_eval_json, "IRN pseudo-labels (train)": REPO_ROOT / p.irn_eval_json,
               "BECO (val)": REPO_ROOT / p.beco.val_metrics(),
               "BECO + CRF (val)": REPO_ROOT / p.beco.val_metrics(crf=True)}

@@ -197,9 +197,6 @@ def check_inputs(args: argparse.Namespace) -> None:
     root = Path(args.voc12_root)
     init = str(args.irn_backbone_init)
     train_irn = "train_irn" in on and (args.overwrite or not Path(args.irn_weights_name).exists())
-    if train_irn and init.lower() != "none" and args.irn_backbone_width != 64:
-        raise DataError(f"--irn_backbone_width {args.irn_backbone_width} cannot load the ImageNet ResNet-50 "
-                        "weights: pass --irn_backbone_init none (or the reference width 64)")
     per_image = on & {"make_cam", "cam_to_ir_label", "train_irn", "make_sem_seg_labels"}
     evals = on & {"eval_cam", "eval_sem_seg"}
     eval_list = args.eval_list or ds.named_list(args.chainer_eval_set, root)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from pipeline.report import read_json
+from pipeline.report import present_miou, read_json
 from pipeline.runner import REPO_ROOT, PerIdOutputs, Step
 from tools.layout import BECOLayout, IRNLayout, StageOneLayout
 from tools.dataset import get_dataset
@@ -58,6 +58,10 @@ class ToySize:
     irn_width: int
     # BECO
     beco_args: list  # flags on top of segmentation/configs/toy.json
+    # IRN's stand-in pretraining (models/pretrain.py) and random walk; docs/toy.md says how each was chosen
+    pretrain_epochs: int = 40
+    irn_exp_times: int = 3  # the walk's reach scaled to the toy's grid (28 cells against VOC's 125)
+    irn_bg_thres: float = 0.35
 
 
 TOY_SIZES: dict[str, ToySize] = {
@@ -66,11 +70,11 @@ TOY_SIZES: dict[str, ToySize] = {
     # --momentum_fix (real SGD momentum) is passed for these from-scratch runs; the reference's 5e-4
     # momentum barely moved a random-init network in this budget.
     "small": ToySize(n_train=160, n_val=40, max_size=112, classes=6, width=0.125, epochs=20, T=18, batch_size=16,
-                     crop=96, resize=(96, 128), lr=0.01, irn_crop=128, irn_batch=16, irn_epochs=3, irn_width=16,
+                     crop=96, resize=(96, 128), lr=0.01, irn_crop=128, irn_batch=8, irn_epochs=15, irn_width=16,
                      beco_args=[]),
     # the CI test: <= 3 minutes; one KTSE epoch (T = epochs - 1) so the KTSE+ losses run end to end
     "tiny": ToySize(n_train=48, n_val=12, max_size=80, classes=4, width=0.125, epochs=30, T=29, batch_size=8,
-                    crop=64, resize=(64, 96), lr=0.01, irn_crop=96, irn_batch=8, irn_epochs=3, irn_width=8,
+                    crop=64, resize=(64, 96), lr=0.01, irn_crop=96, irn_batch=8, irn_epochs=15, irn_width=16,
                     beco_args=["--backbone_width", "8", "--max_epoch", "4", "--batch_size", "4", "--crop_size", "64",
                                "--val_size", "80"]),
 }
@@ -179,12 +183,16 @@ def _rel(path: str, cwd: str) -> str:
 def _metrics(json_path: str | Path):
     """A step's figures from the metrics record it wrote (tools.metrics.metrics_record; the JSON
     only, never its log): ``miou`` (percent, the scorer's own definition), ``miou21`` (the mean over
-    all 21 classes, the stage-one formula) and ``best_th`` of a threshold sweep."""
+    all classes, the stage-one formula), ``miou_present`` (over the classes present in the ground
+    truth, BECO test.py's definition, from the record's confusion matrix) and ``best_th`` of a
+    threshold sweep."""
     def read(_log: str) -> dict:
         rec = read_metrics(REPO_ROOT / json_path)
         if not rec:
             return {}
         out = {"miou": float(rec["miou"]), "miou21": float(rec["miou_all"])}
+        if rec.get("confusion_matrix") is not None:  # the headline mean (report.present_miou)
+            out["miou_present"] = present_miou(rec["confusion_matrix"])
         if rec.get("best_th") is not None:
             out["best_th"] = float(rec["best_th"])
         return out
@@ -277,6 +285,24 @@ class Paths:
         return str(self.beco.logdir)
 
 
+def beco_epochs(t: ToySize) -> int:
+    """BECO's epochs in a toy run: segmentation/configs/toy.json's, or the size's --max_epoch."""
+    if "--max_epoch" in t.beco_args:
+        return int(t.beco_args[t.beco_args.index("--max_epoch") + 1])
+    cfg = read_json(REPO_ROOT / "segmentation" / "configs" / "toy.json") or {}
+    return int(cfg.get("runner", {}).get("max_epoch", 8))
+
+
+def train_pred_layout(cfg: PipelineConfig) -> BECOLayout:
+    """Where a toy run's BECO predictions of the training images go (``<exp>/beco/seg_train``)."""
+    return BECOLayout.of(paths_for(cfg).beco_log_base, paths_for(cfg).beco_tag + "_train")
+
+
+def pretrained_path(cfg: PipelineConfig) -> str:
+    """The toy set's stand-in IRN backbone (models/pretrain.py), kept beside the data like a download."""
+    return f"{cfg.data_root}/pretrained/resnet50_w{cfg.toy.irn_width}.pth"
+
+
 def paths_for(cfg: PipelineConfig) -> Paths:
     stage1 = StageOneLayout(Path(cfg.exp_dir))
     if cfg.preset != "voc":
@@ -291,15 +317,16 @@ def paths_for(cfg: PipelineConfig) -> Paths:
 #: which steps' outputs each step reads (pipeline.runner.Step.needs): redoing one redoes its readers,
 #: transitively, and nothing before it (evaluation steps are read by nobody)
 STEP_NEEDS: dict[str, tuple[str, ...]] = {
-    "prepare": ("toy_data",), "train": ("prepare",), "infer": ("train",), "eval_cam": ("infer",),
-    "run_sample": ("train",), "eval_irn": ("run_sample",), "gen_mask": ("run_sample",),
-    "beco_train": ("run_sample", "gen_mask"), "beco_score": ("beco_train",), "beco_crf": ("beco_train",),
+    "prepare": ("toy_data",), "pretrain": ("prepare",), "train": ("prepare",), "infer": ("train",),
+    "eval_cam": ("infer",), "run_sample": ("train", "pretrain"), "eval_irn": ("run_sample",), "gen_mask": ("run_sample",),
+    "beco_train": ("run_sample", "gen_mask"), "beco_train_pred": ("beco_train",), "beco_score": ("beco_train",),
+    "beco_crf": ("beco_train",),
 }
 
 
 #: the steps whose command takes --dataset (every stage CLI; the data steps are per dataset)
-DATASET_STEPS = ("train", "infer", "eval_cam", "run_sample", "eval_irn", "gen_mask", "beco_train", "beco_score",
-                 "beco_crf")
+DATASET_STEPS = ("pretrain", "train", "infer", "eval_cam", "run_sample", "eval_irn", "gen_mask", "beco_train",
+                 "beco_train_pred", "beco_score", "beco_crf")
 
 
 def build_steps(cfg: PipelineConfig) -> list[Step]:
@@ -363,6 +390,13 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                       title="CAM-seed threshold sweep"))
 
     # ---- IRN (run from irn/)
+    if toy:  # IRN's backbone: a stand-in for the ImageNet file, made once per toy set (docs/toy.md)
+        steps.append(Step("pretrain", "irn", ["python", "-m", "models.pretrain", "--data_root", cfg.data_root,
+                                              "--train_list", aug_list, "--cls_labels", cls_labels,
+                                              "--width", str(t.irn_width), "--epochs", str(t.pretrain_epochs),
+                                              "--out", pretrained_path(cfg)],
+                          outputs=[pretrained_path(cfg)],
+                          title="stand-in pretraining of IRN's backbone (image-level labels only)"))
     run_sample = ["python", "run_sample.py"]
     ckpt_noext = _rel(p.ckpt[:-len(".pth")], "irn")
     run_sample += ["--voc12_root", _rel(cfg.data_root, "irn"), "--train_list", _rel(aug_list, "irn"),
@@ -376,7 +410,9 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     if toy:
         run_sample += ["--irn_crop_size", str(t.irn_crop),
                        "--irn_batch_size", str(t.irn_batch), "--irn_num_epoches", str(t.irn_epochs),
-                       "--irn_backbone_width", str(t.irn_width), "--irn_backbone_init", "none",
+                       "--irn_backbone_width", str(t.irn_width),
+                       "--irn_backbone_init", _rel(pretrained_path(cfg), "irn"),
+                       "--exp_times", str(t.irn_exp_times), "--sem_seg_bg_thres", str(t.irn_bg_thres),
                        "--irn_fix_momentum", "true", "--num_workers", str(cfg.workers)]
     if explicit:
         run_sample += ["--log_name", f"{irn}/sample_train_eval"]
@@ -404,7 +440,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     beco = ["python", "main.py"] + (["-dist", "--amp"] if not toy else []) + ["--logging_tag", p.beco_tag]
     if toy:
         # segmentation/configs/toy.json: the BECO helper's CPU toy settings (ResNet-18 width 16, lr 0.05,
-        # crop 96, 8 epochs); the tiny size shrinks them further on the command line
+        # crop 96, 16 epochs); the tiny size shrinks them further on the command line
         beco += ["--config", "configs/toy.json"]
     if explicit:  # (coco: the settings file is the descriptor's, configs/beco_deeplabv2_coco.json)
         beco += ["--logging_path_base", _rel(p.beco_log_base, seg),
@@ -420,6 +456,18 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
                       metrics=_metrics(p.beco.test_metrics),
                       resume_args=["--resume"], resume_if=str(p.beco.logdir / "*ckpt*.pth"), overwrite_args=["--overwrite"],
                       title="train DeepLabV2 with BECO, then test (multi-scale logits)"))
+    if toy:
+        # the trained segmenter on the training images as well (the same images as the seeds and
+        # pseudo-labels): BECO's figure on train and the report's example pictures
+        tp = train_pred_layout(cfg)
+        pred = ["python", "main.py", "--test", "--ckpt", _rel(str(p.beco.ckpt_epoch(beco_epochs(t))), seg),
+                "--logging_tag", tp.logdir.name, "--config", "configs/toy.json",
+                "--logging_path_base", _rel(p.beco_log_base, seg), "--data_root", _rel(cfg.data_root, seg),
+                "--val_list", _rel(train_list, seg)] + t.beco_args + dev
+        steps.append(Step("beco_train_pred", "beco", pred, cwd=seg,
+                          outputs=[str(tp.test_metrics), PerIdOutputs(str(tp.logits_msc), train_list, ".npy")],
+                          metrics=_metrics(tp.test_metrics),
+                          title="BECO's predictions on the training images (figure on train, report pictures)"))
     test = ["python", "test.py", "--logits_dir", _rel(logits, seg), "--mode", "val"]
     if toy:
         test += ["--n-jobs", str(cfg.workers)]

@@ -637,16 +637,16 @@ def run_steps(steps: Sequence[Step], record_dir: Path, root: Path = REPO_ROOT, o
 
 
 def recorded_result(step: Step, shown: str, record: dict | None, log_path: Path) -> StepResult:
-    """The result of a finished step without running it: time and figures from its record (as
-    :func:`read_step_record` gives it) when that is complete and its command is the current one, else
-    figures re-read from its outputs (time unknown)."""
+    """The result of a finished step without running it: time from its record (as
+    :func:`read_step_record` gives it) when that is complete and its command is the current one (else
+    unknown); figures re-read from its outputs (the reader may know more fields than when the step ran),
+    those of the record where the outputs give none."""
     same = (record is not None and record.get("state") == "complete"
             and (record.get("settings") or {}).get("command") == shown)
-    if same:
+    log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    metrics = step.metrics(log_text) if step.metrics else {}
+    if not metrics and same:
         metrics = dict(record.get("metrics") or {})
-    else:
-        log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-        metrics = step.metrics(log_text) if step.metrics else {}
     return StepResult(step.name, step.stage, shown, record.get("seconds") if same else None, True, metrics,
                       str(log_path) if log_path.is_file() else None, record.get("cpu_seconds") if same else None)
 

@@ -306,8 +306,16 @@ def test_config_file_that_is_not_json_is_one_error(tmp_path):
     assert str(cfg) in str(e.value)
 
 
-def test_imagenet_weights_at_another_width_is_a_user_error(tmp_path):
+def test_weights_at_another_width_are_a_user_error(tmp_path):
+    """A narrow backbone loads a file of its own width (the toy presets' stand-in pretraining); a missing
+    file, or one of another width, is one error naming the file."""
+    import torch
+
     from tools.errors import WSSSError
 
-    with pytest.raises(WSSSError, match="--backbone_width 64, got 8; pass --pretrained none"):
+    with pytest.raises(WSSSError, match="r18.pth"):
         build_deeplabv2(backbone="resnet18", width=8, pretrained=tmp_path / "r18.pth")
+    wide = tmp_path / "r18_w16.pth"
+    torch.save({k: v for k, v in build_deeplabv2(backbone="resnet18", width=16).backbone.state_dict().items()}, wide)
+    with pytest.raises(WSSSError, match="r18_w16.pth"):
+        build_deeplabv2(backbone="resnet18", width=8, pretrained=wide)

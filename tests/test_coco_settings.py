@@ -42,7 +42,7 @@ def test_beco_uses_the_coco_settings_file() -> None:
     f = parse_args(["--config", str(ROOT / "segmentation/configs/beco_deeplabv2_coco.json")])
     assert (f.dataset, f.num_classes, f.max_epoch) == ("coco14", 81, 13)
     toy = parse_args(["--dataset", "coco14", "--config", str(ROOT / "segmentation/configs/toy.json")])
-    assert (toy.num_classes, toy.max_epoch, toy.msc_scales) == (81, 8, [0.75, 1.0, 1.25])
+    assert (toy.num_classes, toy.max_epoch, toy.msc_scales) == (81, 16, [0.75, 1.0, 1.25])
     v = parse_args([])
     assert (v.num_classes, v.msc_scales, v.max_epoch, v.warm_up) == (21, [0.75, 1.0, 1.25], 100, 2)
     # the COCO file has every key of the VOC one (a standalone settings file)

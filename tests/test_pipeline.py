@@ -57,6 +57,9 @@ def test_trivial_baselines(tmp_path: Path) -> None:
     b = trivial_baselines(["a", "b"], gt_dir, labels)
     assert 0 < b["all_background"] < b["centre_box"] <= 100
     assert b["centre_box_area"] in (0.25, 0.5, 0.75)
+    # over the classes present (0, 3 and 7): all background scores only class 0, so 21/3 times its 21-class mean
+    assert b["all_background_present"] == pytest.approx(7 * b["all_background"])
+    assert b["all_background_present"] < b["centre_box_present"] <= 100
     box = centre_box_prediction((10, 20), [1, 2], 0.5)
     assert set(np.unique(box)) == {0, 1, 2} and (box == 1).sum() == (box == 2).sum()
 
@@ -67,7 +70,7 @@ def test_table_formats() -> None:
             StageRow("IRN", "pseudo-labels", "train", None, 20.0, None)]
     text = format_table(rows, "title")
     assert "41.20%" in text and "2 min 05.0 s" in text and "—" in text and "total" in text
-    assert "| stage one | CAM seeds (t=0.15) | train | 41.20% | 20.00% | 2 min 05.0 s | — |" in markdown_table(rows)
+    assert "| stage one | CAM seeds (t=0.15) | train | 41.20% | — | 20.00% | 2 min 05.0 s | — |" in markdown_table(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,8 +184,15 @@ def test_presets_commands() -> None:
         for o in s.outputs:
             path = o.folder if isinstance(o, PerIdOutputs) else o
             assert path.startswith((toy.exp_dir, toy.data_root)), (s.name, path)
-    assert [s.name for s in select_steps(steps, "irn", "irn")] == ["run_sample", "eval_irn", "gen_mask"]
-    assert [s.name for s in select_steps(steps, "beco", None)] == ["beco_train", "beco_score", "beco_crf"]
+    assert [s.name for s in select_steps(steps, "irn", "irn")] == ["pretrain", "run_sample", "eval_irn", "gen_mask"]
+    assert [s.name for s in select_steps(steps, "beco", None)] == ["beco_train", "beco_train_pred", "beco_score",
+                                                                   "beco_crf"]
+    # the toy IRN loads the stand-in backbone the pretrain step writes, and walks with the toy settings
+    by = {s.name: s for s in steps}
+    init = by["run_sample"].argv[by["run_sample"].argv.index("--irn_backbone_init") + 1]
+    assert os.path.normpath(os.path.join("irn", init)) == os.path.normpath(by["pretrain"].outputs[0])
+    assert "--exp_times" in by["run_sample"].argv and "pretrain" in by["run_sample"].needs
+    assert not any(s.name in ("pretrain", "beco_train_pred") for s in build_steps(default_config("voc")))
     with pytest.raises(ValueError, match="unknown stage"):
         select_steps(steps, "nope", None)
     assert set(STAGES) == {s.stage for s in steps}
@@ -230,10 +240,28 @@ def test_report_on_synthetic_outputs(tmp_path: Path, toy_voc: Path) -> None:
     for png in ("stages.png", "threshold_curve.png", "per_class_iou.png", "examples.png"):
         assert (exp / "report" / png).stat().st_size > 1000, png
         assert f"report/{png}" in text
-    assert "| stage one | CAM seeds | train | 32.90% | 10.00% | 5.0 s | — |" in text and "a note" in text
+    assert "| stage one | CAM seeds | train | 32.90% | — | 10.00% | 5.0 s | — |" in text and "a note" in text
     assert "| aeroplane |" in text
     baselines = trivial_baselines(train_ids, gt_dir, cls)
     assert baselines["centre_box"] > baselines["all_background"] > 0
+    # every kind of example cell renders (an exception inside a cell only leaves it empty in the figure)
+    from pipeline.report import _cell
+    from tools.imutils import read_rgb
+
+    i = train_ids[0]
+    gt = read_label_png(gt_dir / f"{i}.png")
+    write_label_png(exp / "mask" / f"{i}.png", (gt > 0).astype(np.uint8) * 255, palette=False)
+    logits = np.stack([(gt == c).astype(np.float32) * 5 for c in range(21)])[:, ::2, ::2]
+    atomic_save_npy(exp / "logits" / f"{i}.npy", logits)
+    img = read_rgb(toy_voc / "JPEGImages" / f"{i}.jpg")
+    kinds = [GridColumn("CAM", "heat", exp / "dict", ".npy"), GridColumn("seed", "cam", exp / "dict", ".npy"),
+             GridColumn("pseudo + mask", "label_mask", exp / "sem_seg", mask_folder=exp / "mask"),
+             GridColumn("BECO", "logits", exp / "logits", ".npy")] + cols[:4]  # (cols[4]: val only)
+    for col in kinds:
+        cell = _cell(col, i, img, 0.29)
+        assert cell is not None and cell.shape == img.shape and cell.dtype == np.uint8, col.kind
+    seed = _cell(kinds[1], i, img, 0.29)
+    assert not np.array_equal(seed, img)  # the seed's classes are painted over the image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,8 +284,9 @@ def _run_to_summary(cmd: list[str], exp: Path) -> tuple[dict, dict, dict, str]:
 @pytest.mark.skipif(not all((ROOT / f).is_file() for f in STAGE_CLIS), reason="stage CLIs not all present yet")
 def test_toy_pipeline_tiny_end_to_end(tmp_path: Path) -> None:
     """``run_pipeline.py --preset toy --size tiny``, stopped after stage one and resumed: every
-    stage's outputs exist, seeds and pseudo-labels beat the all-background baseline, and a rerun
-    skips everything and prints the same table."""
+    stage's outputs exist, every stage beats the all-background baseline, the pseudo-labels beat the
+    seeds, summary.json has its documented shape, and a rerun skips everything and prints the same
+    table."""
     name = f"pytest_tiny_{os.getpid()}"
     data = tmp_path / "toy_tiny"
     cmd = [sys.executable, str(ROOT / "run_pipeline.py"), "--preset", "toy", "--size", "tiny", "--name", name,
@@ -272,17 +301,26 @@ def test_toy_pipeline_tiny_end_to_end(tmp_path: Path) -> None:
         elapsed = time.perf_counter() - t0
         for stage in ("stage one (KTSE+)", "IRN", "BECO", "BECO + CRF"):
             assert rows[stage]["miou"] is not None and 0 <= rows[stage]["miou"] <= 100, (stage, out[-3000:])
-        # every stage beats the all-background baseline of its split (21-class means throughout; the
-        # tiny preset's figures are deterministic on one machine: 10.3 / 5.8 / 5.0 / 5.5 % against 3.5 %
-        # on the 2026-11-26 development machine; BECO gave 1.2 % there before its augmentation followed
-        # albumentations 1.3)
+        # What the tiny size robustly shows (means over the classes present, as the table's headline):
+        # every stage above the all-background baseline of its split, and the IRN pseudo-labels above the
+        # CAM seeds they are made from. On the 2026-11-26 development machine: seeds 43.4 %, pseudo-labels
+        # 49.4 %, BECO 27.0 %, BECO + CRF 28.4 % against 14.6 % (train) / 14.8 % (val) all background.
+        # BECO at this size (4 epochs of 12 steps) is not held to the pseudo-labels; the small preset is.
         for stage, split in (("stage one (KTSE+)", "train"), ("IRN", "train"), ("BECO", "val"), ("BECO + CRF", "val")):
             assert rows[stage]["split"] == split
-            assert rows[stage]["miou"] > 1.3 * base[split]["all_background"], (stage, rows[stage], base[split])
+            assert rows[stage]["miou"] > 1.3 * base[split]["all_background_present"], (stage, rows[stage], base[split])
+        assert rows["IRN"]["miou"] > rows["stage one (KTSE+)"]["miou"] + 1.0, (rows, out[-3000:])
+        stages = json.loads((exp / "summary.json").read_text())
+        assert set(stages) == {"stages", "total_wall_s"}
+        assert set(stages["stages"]) == {"seeds", "pseudo_labels", "beco", "beco_crf"}
+        assert stages["stages"]["pseudo_labels"]["miou_present"] == rows["IRN"]["miou"]
+        assert set(stages["stages"]["beco"]) == {"miou_present", "miou_all_classes", "baseline_centre_box",
+                                                 "baseline_all_bg", "wall_s", "cpu_s"}
         cfg = default_config("toy", name, os.path.relpath(data, ROOT), "tiny")
         for step in build_steps(cfg):
             assert not step.missing_outputs(ROOT), step.name
         assert (exp / "report.md").is_file() and (exp / "report" / "stages.png").is_file()
+        assert (exp / "report" / "examples.png").is_file()
         print(f"tiny toy pipeline: {elapsed:.1f} s")
         # rerun: everything skipped, same table
         r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -315,7 +353,7 @@ def test_coco_toy_pipeline_tiny_end_to_end(tmp_path: Path) -> None:
         for stage, split in (("stage one (KTSE+)", "train"), ("IRN", "train"), ("BECO", "val"), ("BECO + CRF", "val")):
             assert rows[stage]["split"] == split
             assert rows[stage]["miou"] is not None and 0 < rows[stage]["miou"] <= 100, (stage, out[-3000:])
-        assert rows["stage one (KTSE+)"]["miou"] > 1.3 * base["train"]["all_background"], (rows, base)
+        assert rows["stage one (KTSE+)"]["miou"] > 1.3 * base["train"]["all_background_present"], (rows, base)
         # the lists are prepare's: images without a non-crowd label (2 per split in the toy set) are left out
         assert len((data / "train.txt").read_text().split()) == 48 - 2
         assert len((data / "val.txt").read_text().split()) == 12 - 2
