@@ -7,17 +7,18 @@ exp_times 8 (T^256), synthetic smooth edge map and CAMs.  Modes:
   matrix is 11,750² (552 MB) and each of the 8 squarings costs 3.2 TFLOP, so on CPU it is timed
   at a smaller size (``--dense_size``) plus ONE squaring at VOC size (``--dense_voc_one_square``)
   from which the full cost is extrapolated (×8 + the final product); on CUDA it runs in full.
-Both paths are cross-checked on the small size.  Prints a table and writes
-``bench/results/random_walk.json``.
+Both paths are cross-checked on the small size, and ``ratio_dense_over_sparse`` (in the same run, same
+size) stands next to the absolute times.  Every time is a ``bench._meta.stable_time`` record (repeated
+until the last times agree within ``--rel_spread``).  Prints a table and writes
+``bench/results/random_walk.json`` (``--out``).
 
-Usage: python bench/random_walk.py [--size 500 375] [--repeat 3] [--device cpu|cuda] [--threads N]
+Usage: python bench/random_walk.py [--size 500 375] [--max_repeats 10] [--device cpu|cuda] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from irn.random_walk import propagate_to_edge  # noqa: E402
-from bench._meta import machine_meta  # noqa: E402
+from bench._meta import TIMING_HEADER, machine_meta, stable_time, timing_cells  # noqa: E402
 from tools.io import atomic_write_json  # noqa: E402
 
 
@@ -44,15 +45,15 @@ def synthetic_inputs(width: int, height: int, n_cls: int = 3, seed: int = 0) -> 
     return cams.float().contiguous(), edge.float().contiguous()
 
 
-def timed(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def timed(fn, a: argparse.Namespace, max_repeats: int | None = None) -> tuple[dict, object]:
+    """One warm-up call of ``fn``, then :func:`bench._meta.stable_time` under the run's flags; returns the
+    timing record and ``fn``'s last output."""
+    out = [fn()]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else None
+    rec = stable_time(lambda: out.__setitem__(0, fn()), min_repeats=a.min_repeats,
+                      max_repeats=max_repeats or a.max_repeats, rel_spread=a.rel_spread,
+                      max_seconds=a.max_seconds, sync=sync)
+    return rec, out[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
     ap.add_argument("--dense_size", type=int, nargs=2, default=(200, 150), metavar=("W", "H"))
     ap.add_argument("--classes", type=int, default=3)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--min_repeats", type=int, default=3, help="stable_time window (last N times)")
+    ap.add_argument("--max_repeats", type=int, default=10, help="stable_time cap on timed calls")
+    ap.add_argument("--max_seconds", type=float, default=None, help="stable_time cap on timed seconds per row")
+    ap.add_argument("--rel_spread", type=float, default=0.05, help="stable when (max-min)/median <= this")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "random_walk.json"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dense_voc_one_square", action="store_true",
@@ -71,42 +76,53 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(a.device)
     rows = []
 
-    def record(mode: str, size, secs: float, note: str = "") -> None:
+    def record(mode: str, size, timing: dict, note: str = "", scale: float = 1.0) -> dict:
         rows.append({"mode": mode, "device": dev.type, "image_wh": list(size), "classes": a.classes,
-                     "seconds_per_image": round(secs, 4), "note": note})
+                     "seconds_per_image": round(scale * timing["median_s"], 4), "timing": timing, "note": note})
+        return rows[-1]
 
     cams, edge = synthetic_inputs(*a.size, n_cls=a.classes)
-    t, rw_sparse = timed(lambda: propagate_to_edge(cams, edge, mode="sparse"), a.repeat)
-    record("sparse (float64)", a.size, t)
+    t, rw_sparse = timed(lambda: propagate_to_edge(cams, edge, mode="sparse"), a)
+    sparse_voc = record("sparse (float64)", a.size, t)
     # cross-check on the small size, where dense is cheap on CPU
     cs, es = synthetic_inputs(*a.dense_size, n_cls=a.classes)
-    ts, rs = timed(lambda: propagate_to_edge(cs, es, mode="sparse"), a.repeat)
-    td, rd = timed(lambda: propagate_to_edge(cs.to(dev), es.to(dev), mode="dense"), 1)
+    ts, rs = timed(lambda: propagate_to_edge(cs, es, mode="sparse"), a)
+    td, rd = timed(lambda: propagate_to_edge(cs.to(dev), es.to(dev), mode="dense"), a)
     rel = float((rd.double().cpu() - rs).abs().max() / rs.abs().max())
     record("sparse (float64)", a.dense_size, ts)
     record("dense (float32, reference)", a.dense_size, td, f"max rel diff vs sparse {rel:.2e}")
+    # the baseline is the sparse row of the same size, timed in this same run
+    ratios = {"ratio_dense_over_sparse": {"image_wh": list(a.dense_size), "value": td["median_s"] / ts["median_s"]}}
     if dev.type == "cuda":
         cams_d, edge_d = cams.to(dev), edge.to(dev)
-        t, rw = timed(lambda: propagate_to_edge(cams_d, edge_d, mode="dense"), a.repeat)
+        t, rw = timed(lambda: propagate_to_edge(cams_d, edge_d, mode="dense"), a)
         rel = float((rw.double().cpu() - rw_sparse).abs().max() / rw_sparse.abs().max())
         record("dense (float32, reference)", a.size, t, f"max rel diff vs sparse {rel:.2e}")
+        ratios["ratio_dense_over_sparse_full_size"] = {"image_wh": list(a.size),
+                                                       "value": t["median_s"] / sparse_voc["timing"]["median_s"]}
     elif a.dense_voc_one_square:
         n = cams.shape[1] * cams.shape[2]
         m = torch.rand(n, n)
-        t0 = time.perf_counter()
-        torch.matmul(m, m)
-        one = time.perf_counter() - t0
-        record("dense (float32, reference)", a.size, 8 * one, f"extrapolated: 8 x one {n}x{n} squaring ({one:.1f}s)")
+        # minutes per call on 2 cores: timed once (no warm-up), recorded as not stable
+        one = stable_time(lambda: torch.matmul(m, m), max_repeats=1)
+        record("dense (float32, reference)", a.size, one,
+               f"extrapolated: 8 x one {n}x{n} squaring ({one['median_s']:.1f}s)", scale=8)
+        ratios["ratio_dense_over_sparse_full_size"] = {
+            "image_wh": list(a.size), "value": 8 * one["median_s"] / sparse_voc["timing"]["median_s"],
+            "note": "dense extrapolated from one squaring"}
 
     print(f"random walk, beta 10, exp_times 8, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{platform.processor() or platform.machine()}")
-    print(f"{'mode':<28} {'device':<6} {'image':<9} {'s/image':>9}  note")
+    print(f"{'mode':<28} {'device':<6} {'image':<9} {'s/image':>9} {TIMING_HEADER}  note")
     for r in rows:
         print(f"{r['mode']:<28} {r['device']:<6} {r['image_wh'][0]}x{r['image_wh'][1]:<5} "
-              f"{r['seconds_per_image']:>9.3f}  {r['note']}")
-    atomic_write_json(ROOT / "bench" / "results" / "random_walk.json",
-                      {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
-                       "machine_meta": machine_meta()})
+              f"{r['seconds_per_image']:>9.3f} {timing_cells(r['timing'])}  {r['note']}")
+    for k, v in ratios.items():
+        print(f"{k} ({v['image_wh'][0]}x{v['image_wh'][1]}): {v['value']:.2f}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(a.out, {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+                              **ratios, "machine_meta": machine_meta()})
+    print(f"wrote {a.out}")
     return 0
 
 
