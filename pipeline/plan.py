@@ -4,7 +4,8 @@ and how its figures are read back.
 Presets:
 
 * ``toy``: the synthetic VOC-format set (``python -m voc12.toy``) at ``data/toy`` (``--size tiny``:
-  ``data/toy_tiny``), small networks trained from scratch on CPU, every output under
+  ``data/toy_tiny``), small networks trained on CPU (IRN's frozen backbone from the stand-in pretraining of
+  ``models/pretrain.py``, the others from scratch; docs/toy.md), every output under
   ``experiments/<name>/`` so nothing lands in ``irn/`` or ``segmentation/``.
 * ``voc``: the reference settings on ``data/VOC2012`` with the paths of the authors' README commands
   (``experiments/ktse1``, ``irn/result``, ``segmentation/data``), for GPU machines.
