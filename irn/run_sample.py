@@ -30,7 +30,7 @@ from models.registry import model_name  # noqa: E402
 from tools import cli  # noqa: E402
 from tools.dataset import DatasetArgumentParser, add_dataset_arg  # noqa: E402
 from tools.layout import IRNLayout  # noqa: E402
-from tools.errors import DataError, WSSSError, require_all, run_cli  # noqa: E402
+from tools.errors import WSSSError, require_all, run_cli  # noqa: E402
 from tools.misc import Timer, str2bool  # noqa: E402
 
 #: the reference's output folders (irn/result, irn/sess, segmentation/data/{sem_seg,mask_irn})

@@ -30,12 +30,18 @@ from irn.net.resnet50 import FixedBatchNorm, ResNet
 from tools import cli
 from tools.dataset import add_dataset_arg, get_dataset
 from tools.errors import run_cli
+from tools.imutils import IMAGENET_MEAN, IMAGENET_STD
 from tools.io import atomic_torch_save
 from voc12.lists import labels_for, load_cls_labels, load_image, read_id_list
 
-#: ImageNet mean/std in 0-255 units, the normalisation every stage applies to its inputs
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+#: the ImageNet mean/std in 0-255 units (float32, the precision the crops are computed in)
+MEAN = np.array(IMAGENET_MEAN, np.float32) * 255
+STD = np.array(IMAGENET_STD, np.float32) * 255
+
+
+def normalised(img: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 ``(v - 255·mean) / (255·std)``, once per image."""
+    return torch.from_numpy(((img.astype(np.float32) - MEAN) / STD).transpose(2, 0, 1).copy())
 
 
 def trainable_resnet50(width: int) -> ResNet:
@@ -71,13 +77,12 @@ class Classifier(nn.Module):
         return sd
 
 
-def random_crop(img: np.ndarray, crop: int, rng: np.random.Generator) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, crop, crop) float32: normalised, rescaled so the long side is about
+def random_crop(img: torch.Tensor, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    """(3, H, W) float32 (:func:`normalised`) -> (3, crop, crop): rescaled so the long side is about
     ``crop`` (x0.9-1.4), flipped half the time, randomly cropped or zero-padded to ``crop``."""
-    h, w = img.shape[:2]
+    h, w = img.shape[1:]
     s = rng.uniform(0.9, 1.4) * crop / max(h, w)
-    t = torch.from_numpy(((img.astype(np.float32) - MEAN) / STD).transpose(2, 0, 1).copy())[None]
-    t = F.interpolate(t, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", align_corners=False)[0]
+    t = F.interpolate(img[None], size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", align_corners=False)[0]
     if rng.random() < 0.5:
         t = t.flip(-1)
     hh, ww = t.shape[1:]
@@ -100,6 +105,7 @@ def pretrain(images: list[np.ndarray], labels: np.ndarray, width: int = 16, epoc
     rng = np.random.default_rng(seed)
     y_all = torch.from_numpy(np.asarray(labels, np.float32))
     model = Classifier(width, y_all.shape[1])
+    inputs = [normalised(im) for im in images]
     per_epoch = max(1, len(images) // batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     total = epochs * per_epoch
@@ -113,7 +119,7 @@ def pretrain(images: list[np.ndarray], labels: np.ndarray, width: int = 16, epoc
         loss_sum = exact = 0.0
         for b in range(per_epoch):
             idx = perm[b * batch_size:(b + 1) * batch_size]
-            x = torch.stack([random_crop(images[i], crop, rng) for i in idx])
+            x = torch.stack([random_crop(inputs[i], crop, rng) for i in idx])
             y = y_all[idx]
             logit = model(x)
             loss = F.binary_cross_entropy_with_logits(logit, y)

@@ -296,7 +296,8 @@ def beco_epochs(t: ToySize) -> int:
 
 def train_pred_layout(cfg: PipelineConfig) -> BECOLayout:
     """Where a toy run's BECO predictions of the training images go (``<exp>/beco/seg_train``)."""
-    return BECOLayout.of(paths_for(cfg).beco_log_base, paths_for(cfg).beco_tag + "_train")
+    p = paths_for(cfg)
+    return BECOLayout.of(p.beco_log_base, p.beco_tag + "_train")
 
 
 def pretrained_path(cfg: PipelineConfig) -> str:

@@ -320,6 +320,11 @@ def heat(img: np.ndarray, score: np.ndarray) -> np.ndarray:
     return (img.astype(np.float32) * 0.35 + col * 0.65).astype(np.uint8)
 
 
+def _confident(mask_png: Path) -> np.ndarray:
+    """(H, W) bool: the confident pixels of a gen_mask PNG (255 confident, 0 not)."""
+    return np.asarray(read_rgb(mask_png))[..., 0] > 127
+
+
 def _cell(col: GridColumn, img_id: str, img: np.ndarray, cam_threshold: float | None,
           ds: DatasetInfo = VOC12) -> np.ndarray | None:
     try:
@@ -345,13 +350,13 @@ def _cell(col: GridColumn, img_id: str, img: np.ndarray, cam_threshold: float | 
             return blend(img, predict_one(load_logits(p, ds.num_classes), img, crf=col.kind == "logits_crf"),
                          dataset=ds)
         if col.kind == "mask":
-            m = np.asarray(read_rgb(p))[..., 0] > 127
+            m = _confident(p)
             return np.where(m[..., None], img, (img * 0.25).astype(np.uint8))
         lab = read_gt_png(p, ds.num_classes) if col.kind == "gt" else read_label_png(p)
         if lab.shape != img.shape[:2]:
             return None
         if col.kind == "label_mask" and col.mask_folder is not None:
-            m = np.asarray(read_rgb(Path(col.mask_folder) / f"{img_id}.png"))[..., 0] > 127
+            m = _confident(Path(col.mask_folder) / f"{img_id}.png")
             out = blend(img, lab, dataset=ds)
             return np.where(m[..., None], out, (out * 0.3).astype(np.uint8))
         return colorize(lab, ds) if col.kind == "gt" else blend(img, lab, dataset=ds)

@@ -643,8 +643,9 @@ def recorded_result(step: Step, shown: str, record: dict | None, log_path: Path)
     those of the record where the outputs give none."""
     same = (record is not None and record.get("state") == "complete"
             and (record.get("settings") or {}).get("command") == shown)
-    log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-    metrics = step.metrics(log_text) if step.metrics else {}
+    metrics = {}
+    if step.metrics:
+        metrics = step.metrics(log_path.read_text(errors="replace") if log_path.is_file() else "")
     if not metrics and same:
         metrics = dict(record.get("metrics") or {})
     return StepResult(step.name, step.stage, shown, record.get("seconds") if same else None, True, metrics,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from irn.data import AffinityDataset, TopLeftCropDataset
 from irn.net.resnet50_irn import AffinityDisplacementLoss
 from irn.path_index import PathIndex
-from tools.errors import DataError, WSSSError, require_dir
+from tools.errors import WSSSError, require_dir
 from tools.io import atomic_torch_save
 from tools.misc import seed_everything
 from tools.runtime import PolySchedule, poly_sgd, select_device
