@@ -2,7 +2,7 @@
 
     python evaluation.py --name ktse1 --task cam --dict_dir dict
 
-task ``cam``: the reference background-threshold sweep (t = 0.10 .. 0.29) over the CAM dictionaries
+task ``cam``: the reference background-threshold sweep (t = 0.10 .. 0.29; ``--thresholds`` for another range) over the CAM dictionaries
 ``experiments/<name>/<dict_dir>/<id>.npy``, printing exactly the reference's 20 sweep lines,
 then (added) the best threshold with its mIoU and the per-class IoU table at that threshold.
 tasks ``crf`` / ``dl``: dictionaries whose keys include background (0); ``png``: label PNGs (e.g. IRN
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools.seed_eval import REFERENCE_THRESHOLDS, TASKS, evaluate, plot_result
+from tools.seed_eval import REFERENCE_THRESHOLDS, TASKS, evaluate, plot_result, threshold_range
 from tools import cli
 from tools.errors import require_all, run_cli
 from tools.layout import StageOneLayout
@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt_dir", default=None, help="ground-truth PNG folder (default <data_root>/SegmentationClass)")
     p.add_argument("--data_root", default=None, help="dataset folder (default: the dataset's, data/VOC2012)")
     add_dataset_arg(p)
+    p.add_argument("--thresholds", type=float, nargs=3, metavar=("START", "STOP", "STEP"), default=None,
+                   help="added: task cam's background thresholds START, START+STEP, ... below STOP (default: the "
+                        "reference's 0.10 0.30 0.01, i.e. 0.10 .. 0.29); a best threshold at the top of the "
+                        "range means the sweep should go further")
     p.add_argument("--exp_root", default="experiments", help="added: folder holding experiments/<name>")
     p.add_argument("--workers", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
                    help="added: worker processes (images in parallel); the reference uses 8")
@@ -72,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pred_dir is None and args.dict_dir is None:
         parser.error("give --dict_dir (a folder under experiments/<name>/) or --pred_dir")
+    if args.thresholds is not None:
+        try:
+            threshold_range(*args.thresholds)
+        except ValueError as e:
+            parser.error(f"--thresholds: {e}")
     return run_cli(run, args)
 
 
@@ -93,13 +102,19 @@ def run(args: argparse.Namespace) -> None:
     ids = read_id_list(list_path)
     print("Evaluate %s with %s" % (display_path(pred_dir), display_path(list_path)), flush=True)
     t0 = time.perf_counter()
-    res = evaluate(args.task, ids, pred_dir, gt_dir, REFERENCE_THRESHOLDS, args.workers,
+    thresholds = threshold_range(*args.thresholds) if args.thresholds else REFERENCE_THRESHOLDS
+    res = evaluate(args.task, ids, pred_dir, gt_dir, thresholds, args.workers,
                    progress=not args.no_progress, retain_memory=True, dataset=ds)
     seconds = time.perf_counter() - t0
     if args.task == "cam":
         for line in res.sweep_lines():
             print(line)
         print(res.best_line())
+        if res.best_at_edge:  # stderr: stdout stays the reference's lines
+            lo, hi = res.thresholds[0], res.thresholds[-1]
+            print(f"note: the best threshold {res.best_th:.2f} is the {res.best_at_edge} of the swept range "
+                  f"{lo:.2f} .. {hi:.2f}; the best may lie outside it (--thresholds START STOP STEP sweeps "
+                  "another range)", file=sys.stderr, flush=True)
     sys.stdout.write(res.table())
     sys.stdout.flush()
 

@@ -71,6 +71,18 @@ def _stage_seconds(results: list[StepResult], stage: str, attr: str = "seconds")
     return round(sum(secs), 3) if secs else None
 
 
+def _threshold_note(cam: dict) -> str:
+    """The seed row's note: the best threshold, and whether it is an end of the swept range (the reference
+    sweeps 0.10 .. 0.29; a best at an end may lie outside it)."""
+    if cam.get("best_th") is None:
+        return ""
+    edge = cam.get("best_th_edge")
+    return f"t={cam['best_th']:.2f}" + (f", {edge}{_EDGE_NOTE}" if edge else "")
+
+
+_EDGE_NOTE = " of the sweep"  # ends a seed row's note when its best threshold is an end of the sweep
+
+
 def build_rows(results: list[StepResult], baselines: dict[str, dict], toy: bool) -> list[StageRow]:
     """The final table from the step results (figures recorded by each step's metrics reader). The
     headline mIoU is the mean over the classes present in the ground truth (BECO test.py's definition,
@@ -92,7 +104,7 @@ def build_rows(results: list[StepResult], baselines: dict[str, dict], toy: bool)
                      seconds=_stage_seconds(results, "data"))]
     cam = by.get("eval_cam", {})
     rows.append(row("stage1", "CAM seeds, best threshold", "train", cam,
-                    f"t={cam['best_th']:.2f}" if cam.get("best_th") is not None else ""))
+                    _threshold_note(cam)))
     rows.append(row("irn", "pseudo-labels (random walk)", "train", by.get("eval_irn", {})))
     on_train = by.get("beco_train_pred", {}).get("miou_present")
     rows.append(row("beco", "val mIoU (test.py)", "val", by.get("beco_score", {}),
@@ -212,10 +224,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def auto_notes(rows: list[StageRow]) -> list[str]:
-    """Plain statements about the table: stages at or below the trivial baseline, stages that do not
-    improve on the one before (seeds -> pseudo-labels -> BECO -> BECO + CRF)."""
+    """Plain statements about the table: a seed threshold at an end of its sweep, stages at or below the
+    trivial baseline, stages that do not improve on the one before (seeds -> pseudo-labels -> BECO -> BECO + CRF)."""
     notes = []
     scored = [r for r in rows if r.miou is not None]
+    for r in scored:
+        if r.note.endswith(_EDGE_NOTE):
+            notes.append(f"{r.stage}: the best seed threshold ({r.note}) is an end of the swept range, so the seeds "
+                         "may be better outside it (evaluation.py --thresholds sweeps another range).")
     for r in scored:
         if r.baseline is not None and r.miou <= r.baseline:
             notes.append(f"{r.stage}: {r.miou:.2f}% is not above the trivial baseline ({r.baseline:.2f}%) on {r.split}.")

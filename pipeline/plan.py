@@ -186,7 +186,7 @@ def _metrics(json_path: str | Path):
     only, never its log): ``miou`` (percent, the scorer's own definition), ``miou21`` (the mean over
     all classes, the stage-one formula), ``miou_present`` (over the classes present in the ground
     truth, BECO test.py's definition, from the record's confusion matrix) and ``best_th`` of a
-    threshold sweep."""
+    threshold sweep, with ``best_th_edge`` (``top`` / ``bottom``) when it is the last / first threshold swept."""
     def read(_log: str) -> dict:
         rec = read_metrics(REPO_ROOT / json_path)
         if not rec:
@@ -196,6 +196,9 @@ def _metrics(json_path: str | Path):
             out["miou_present"] = present_miou(rec["confusion_matrix"])
         if rec.get("best_th") is not None:
             out["best_th"] = float(rec["best_th"])
+            th = rec.get("thresholds") or []
+            if len(th) > 1 and out["best_th"] in (th[0], th[-1]):  # the best may lie outside the sweep
+                out["best_th_edge"] = "top" if out["best_th"] == th[-1] else "bottom"
         return out
     return read
 

@@ -233,3 +233,48 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
     # a missing prediction folder
     assert evaluation.main(["--name", "nope", "--task", "cam", "--dict_dir", "dict"]) == 2
     assert "experiments/nope/dict" in capsys.readouterr().err
+
+
+def test_thresholds_flag_sweeps_another_range(tmp_path, monkeypatch, capsys):
+    assert seed_eval.threshold_range(0.10, 0.30, 0.01) == REFERENCE_THRESHOLDS
+    npz, _ = _eval_fixture()
+    _write_fixture_tree(tmp_path, npz)
+    monkeypatch.chdir(tmp_path)
+    rc = evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--workers", "1", "--no_progress",
+                          "--no_plot", "--thresholds", "0.20", "0.50", "0.05"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "experiments" / "fx" / "eval_cam.json").read_text())
+    assert summary["thresholds"] == pytest.approx([0.20, 0.25, 0.30, 0.35, 0.40, 0.45])
+    # where the two ranges meet (0.20, 0.25) the figures are the reference sweep's
+    np.testing.assert_allclose(summary["miou_by_threshold"][:2], npz["miou"][[10, 15]], rtol=0, atol=1e-9)
+    assert "45/60 threshold: 0.450" in out
+    for bad in (["0.5", "0.2", "0.1"], ["0", "0.3", "0.01"], ["0.1", "0.3", "0"], ["0.1", "1.5", "0.1"]):
+        with pytest.raises(SystemExit) as e:
+            evaluation.main(["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--thresholds", *bad])
+        assert e.value.code == 2 and "--thresholds" in capsys.readouterr().err
+
+
+def test_best_threshold_at_an_end_of_the_sweep_is_reported(tmp_path, monkeypatch, capsys):
+    hists = np.zeros((3, 21, 21), np.int64)
+    for i, fg in enumerate((10, 30, 20)):  # threshold 0.2 predicts the most foreground correctly
+        hists[i, 0, 0], hists[i, 1, 1], hists[i, 1, 0] = 50, fg, 40 - fg
+    mid = SweepResult("cam", ["a"], [0.1, 0.2, 0.3], hists)
+    assert mid.best_th == 0.2 and mid.best_at_edge is None
+    assert SweepResult("cam", ["a"], [0.1, 0.2, 0.3], hists[[0, 2, 1]]).best_at_edge == "top"
+    assert SweepResult("cam", ["a"], [0.1, 0.2, 0.3], hists[[1, 0, 2]]).best_at_edge == "bottom"
+    assert SweepResult("png", ["a"], [], hists[:1]).best_at_edge is None
+    # the CLI says so on stderr (stdout stays the reference's lines)
+    npz, _ = _eval_fixture()
+    _write_fixture_tree(tmp_path, npz)
+    monkeypatch.chdir(tmp_path)
+    common = ["--name", "fx", "--task", "cam", "--dict_dir", "dict", "--workers", "1", "--no_progress", "--no_plot"]
+    best = float(npz["best_th"])  # 0.22, inside the reference range: no note
+    assert evaluation.main(common) == 0
+    assert "the best threshold" not in capsys.readouterr().err
+    assert evaluation.main(common + ["--thresholds", str(best), "0.95", "0.05"]) == 0  # starts at the best
+    out, err = capsys.readouterr()
+    summary = json.loads((tmp_path / "experiments" / "fx" / "eval_cam.json").read_text())
+    assert summary["best_th"] == pytest.approx(best) and summary["thresholds"][0] == pytest.approx(best)
+    assert "is the bottom of the swept range 0.22 .. 0.92" in err and "--thresholds" in err
+    assert "note:" not in out

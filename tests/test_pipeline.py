@@ -42,8 +42,26 @@ def test_step_figures_come_from_the_metrics_record_only(tmp_path: Path, monkeypa
     got = read("mIoU: 0.61234")
     assert got["miou"] == pytest.approx((50 / 60 + 30 / 40 + 1) / 3 * 100)  # BECO: mean over the 3 gt classes
     assert got["miou21"] == pytest.approx(sum(record_iou(metrics_record(hist))) / 21)
-    assert got["best_th"] == 0.25
+    assert got["best_th"] == 0.25 and "best_th_edge" not in got  # no sweep recorded: no edge to speak of
+    th = [0.10, 0.15, 0.20, 0.25]
+    for best, edge in ((0.25, "top"), (0.10, "bottom"), (0.15, None)):
+        write_metrics(tmp_path / "m.json", metrics_record(hist, "gt", n_images=3, best_th=best, thresholds=th))
+        assert read("").get("best_th_edge") == edge
     assert record_iou(None) is None and record_iou({"confusion_matrix": [[1]]}) is None
+
+
+def test_seed_row_says_when_its_threshold_is_an_end_of_the_sweep() -> None:
+    import run_pipeline as rp
+
+    assert rp._threshold_note({"best_th": 0.2}) == "t=0.20" and rp._threshold_note({}) == ""
+    top = rp._threshold_note({"best_th": 0.29, "best_th_edge": "top"})
+    assert top == "t=0.29, top of the sweep"
+    rows = [StageRow("stage one", "CAM seeds", "train", 40.0, 10.0, note=top),
+            StageRow("IRN", "pseudo-labels", "train", 45.0, 10.0)]
+    notes = rp.auto_notes(rows)
+    assert len(notes) == 1 and "t=0.29, top of the sweep" in notes[0] and "--thresholds" in notes[0]
+    rows[0].note = "t=0.20"
+    assert rp.auto_notes(rows) == []
 
 
 def test_trivial_baselines(tmp_path: Path) -> None:

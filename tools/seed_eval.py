@@ -44,6 +44,17 @@ from voc12.dataset import VOC12
 IGNORE_INDEX = 255
 #: The reference sweep: t = i/100 for i = 10 .. 29.
 REFERENCE_THRESHOLDS: tuple[float, ...] = tuple(i / 100 for i in range(10, 30))
+
+
+def threshold_range(start: float, stop: float, step: float) -> tuple[float, ...]:
+    """Thresholds ``start, start + step, ...`` below ``stop`` (each rounded to 6 decimals, so
+    ``threshold_range(0.10, 0.30, 0.01)`` equals :data:`REFERENCE_THRESHOLDS`). Raises ``ValueError``
+    unless ``0 < start < stop <= 1`` and ``step > 0``: the CAMs are normalised to [0, 1]."""
+    if not (0.0 < start < stop <= 1.0) or step <= 0:
+        raise ValueError(f"threshold range start {start}, stop {stop}, step {step}: "
+                         "expected 0 < start < stop <= 1 and step > 0")
+    n = int(np.ceil(round((stop - start) / step, 6)))
+    return tuple(round(start + i * step, 6) for i in range(n))
 TASKS = ("cam", "crf", "dl", "png")
 
 
@@ -382,6 +393,17 @@ class SweepResult:
     @property
     def best_th(self) -> float | None:
         return self.thresholds[self.best_index] if self.thresholds else None
+
+    @property
+    def best_at_edge(self) -> str | None:
+        """``"top"`` / ``"bottom"`` when the best threshold is the last / first one swept (the best may
+        then lie outside the range: ``evaluation.py --thresholds`` sweeps further), else ``None``
+        (also for single-pass tasks and one-threshold sweeps)."""
+        if len(self.thresholds) < 2:
+            return None
+        if self.best_index == len(self.thresholds) - 1:
+            return "top"
+        return "bottom" if self.best_index == 0 else None
 
     def sweep_lines(self) -> list[str]:
         """The reference per-threshold lines ``%d/60 threshold: %.3f\\tmIoU: %.3f%%`` (the '/60' is the
