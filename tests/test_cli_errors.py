@@ -275,6 +275,34 @@ def test_ctrl_c_reaches_forked_workers_but_only_the_parent_reports(tmp_path):
     assert _lines(err) == [INTERRUPTED_MESSAGE], err
 
 
+
+def test_ctrl_c_that_lands_in_a_finaliser_still_stops_the_program(tmp_path):
+    """A KeyboardInterrupt raised inside ``__del__`` (or a weakref callback, as logging's handler clean-up)
+    is dropped by Python ("Exception ignored"); the BECO Ctrl-C test once trained on after such a drop.
+    run_cli takes the dropped interrupt and raises it again: one line, exit 130, well before the job ends.
+    Other unraisable exceptions keep the default report."""
+    script = tmp_path / "finaliser_cli.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from tools.errors import run_cli\n"
+        "class Other:\n    def __del__(self):\n        raise ValueError('ordinary unraisable')\n"
+        "class D:\n    def __del__(self):\n        os.kill(os.getpid(), signal.SIGINT)\n        time.sleep(0.2)\n"
+        "def fn(_):\n"
+        "    Other()\n"
+        "    D()\n"
+        "    t = time.time()\n"
+        "    while time.time() - t < 20:\n        time.sleep(0.01)\n"
+        "    print('not interrupted', flush=True)\n"
+        "sys.exit(run_cli(fn, None))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 130 and "not interrupted" not in p.stdout, (p.stdout, p.stderr)
+    assert time.time() - t0 < 15
+    lines = _lines(p.stderr)
+    assert lines[-1] == INTERRUPTED_MESSAGE and "KeyboardInterrupt" not in p.stderr, p.stderr
+    assert "ordinary unraisable" in p.stderr  # the default hook still reports everything else
+
 # ----------------------------------------------------------------------------------------------
 # Parse-time range checks
 # ----------------------------------------------------------------------------------------------

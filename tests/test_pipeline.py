@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cli_module
 from pipeline.plan import STAGES, build_steps, default_config, paths_for, select_steps
 from pipeline.report import (GridColumn, ReportInputs, StageRow, centre_box_prediction, format_table,
                              markdown_table, record_iou, trivial_baselines, write_report)
@@ -51,8 +52,7 @@ def test_step_figures_come_from_the_metrics_record_only(tmp_path: Path, monkeypa
 
 
 def test_seed_row_says_when_its_threshold_is_an_end_of_the_sweep() -> None:
-    import run_pipeline as rp
-
+    rp = cli_module("run_pipeline.py")
     assert rp._threshold_note({"best_th": 0.2}) == "t=0.20" and rp._threshold_note({}) == ""
     top = rp._threshold_note({"best_th": 0.29, "best_th_edge": "top"})
     assert top == "t=0.29, top of the sweep"

@@ -155,28 +155,64 @@ def os_error_message(e: OSError) -> str | None:
 
 
 class _ParentOnlySigint:
-    """While active, Ctrl-C raises KeyboardInterrupt in this process only.
+    """While active, Ctrl-C raises KeyboardInterrupt in this process only, and a Ctrl-C that Python
+    drops is raised again.
 
     Ctrl-C reaches the terminal's whole process group, so forked DataLoader and multiprocessing
     workers receive it too and would each print a traceback; a forked worker inherits this handler
     and ignores the signal instead (the parent stops its workers when it unwinds). Executed programs
     get the default handler back, as for any Python-level handler.
+
+    A KeyboardInterrupt raised while Python runs a finaliser or a weakref callback (``__del__``,
+    logging's handler clean-up) cannot propagate: Python hands it to ``sys.unraisablehook``, which
+    prints "Exception ignored" and drops it, and the job would go on as if Ctrl-C had never been
+    pressed. The hook installed here takes such an interrupt instead and sends the signal again a
+    moment later, from another thread, so that it is raised where the program can unwind.
     """
 
+    RESEND_S = 0.02
+
     def __enter__(self) -> "_ParentOnlySigint":
-        self.installed = False
+        self.installed = self.active = False
+        self.lock = threading.Lock()
+        self.timers: list[threading.Timer] = []
         if threading.current_thread() is threading.main_thread():
             self.pid = os.getpid()
             self.old = signal.signal(signal.SIGINT, self._handle)
-            self.installed = True
+            self.old_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+            self.installed = self.active = True
         return self
 
     def _handle(self, signum, frame) -> None:
-        if os.getpid() == self.pid:
+        if os.getpid() == self.pid and self.active:
             raise KeyboardInterrupt
+        # else: a forked worker, or a resend that arrives while the context is closing
+
+    def _unraisable(self, unraisable: Any) -> None:
+        exc_type = getattr(unraisable, "exc_type", None)
+        if not (os.getpid() == self.pid and isinstance(exc_type, type) and issubclass(exc_type, KeyboardInterrupt)):
+            return self.old_hook(unraisable)
+        with self.lock:
+            if self.active:
+                t = threading.Timer(self.RESEND_S, self._resend)
+                t.daemon = True
+                self.timers.append(t)
+                t.start()
+
+    def _resend(self) -> None:
+        with self.lock:  # __exit__ takes the lock: nothing is sent once it has begun
+            if self.active:
+                os.kill(self.pid, signal.SIGINT)
 
     def __exit__(self, *exc) -> None:
         if self.installed:
+            with self.lock:
+                self.active = False
+                for t in self.timers:
+                    t.cancel()
+            # a signal sent just before the lock was taken is handled (and ignored: inactive) by the
+            # time signal.signal returns, which checks pending signals before it changes the handler
+            sys.unraisablehook = self.old_hook
             signal.signal(signal.SIGINT, self.old)
 
 
