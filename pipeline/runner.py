@@ -154,8 +154,34 @@ STOP_GRACE_S = (10.0, 5.0, 5.0)
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
+def _group_alive(pgid: int) -> bool:
+    """True while the process group ``pgid`` has a member that is not a zombie (a dead process waiting to
+    be reaped). Without ``/proc`` any member counts."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not os.path.isdir("/proc/self"):
+        return True
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except OSError:  # it ended while we looked
+            continue
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
 def _stop(proc: subprocess.Popen) -> None:
-    """End a step's process group (started with its own session): SIGINT, then SIGTERM, then SIGKILL.
+    """End a step's process group (started with its own session): SIGINT, then SIGTERM, then SIGKILL,
+    each given its grace period, until the step *and every other member of its group* are gone (a child
+    of the step that outlived it would otherwise run on with no one to stop it).
 
     Further SIGINT/SIGTERM/SIGHUP are ignored meanwhile: a second Ctrl-C must not abort the stopping
     and leave the step running.
@@ -164,18 +190,25 @@ def _stop(proc: subprocess.Popen) -> None:
     if _is_main_thread():
         for s in (signal.SIGINT,) + _STOP_SIGNALS:
             held[s] = signal.signal(s, signal.SIG_IGN)
+
+    def over() -> bool:
+        return proc.poll() is not None and not _group_alive(proc.pid)
+
     try:
         for sig, wait in zip((signal.SIGINT, signal.SIGTERM, signal.SIGKILL), STOP_GRACE_S):
-            if proc.poll() is not None:
+            if over():
                 return
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 return
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
+            end = time.monotonic() + wait
+            while time.monotonic() < end and not over():
+                try:
+                    proc.wait(min(0.05, max(0.0, end - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    pass
+        proc.wait()  # after SIGKILL to the group: reap the step
     finally:
         for s, h in held.items():
             signal.signal(s, h)

@@ -262,6 +262,44 @@ def test_signalled_runner_stops_the_whole_step(tmp_path: Path, sig: int) -> None
 
 
 @needs_proc
+def test_stopping_a_step_also_ends_a_child_that_outlives_it(tmp_path: Path) -> None:
+    """The step dies on the forwarded SIGINT but its child ignores SIGINT: the runner goes on to SIGTERM
+    the group instead of returning as soon as the step itself has exited."""
+    child = ("import os, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+             "open('ready.tmp', 'w').close(); os.replace('ready.tmp', 'ready'); time.sleep(60)")
+    step_code = ("import os, sys, time, subprocess, pathlib; "
+                 f"g = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+                 "end = time.time() + 20\n"
+                 "while not os.path.exists('ready') and time.time() < end: time.sleep(0.02)\n"
+                 "pathlib.Path('pids.tmp').write_text(f'{os.getpid()} {g.pid}'); os.replace('pids.tmp', 'pids'); "
+                 "time.sleep(60)")
+    script = tmp_path / "runner.py"
+    script.write_text(
+        f"import sys, pathlib\nsys.path.insert(0, {str(ROOT)!r})\nimport pipeline.runner as r\n"
+        "r.STOP_GRACE_S = (1.0, 2.0, 2.0)\n"
+        f"root = pathlib.Path({str(tmp_path)!r})\n"
+        f"step = r.Step('sleep', 'x', ['python', '-c', {step_code!r}], outputs=['never.txt'])\n"
+        "r.run_steps([step], root / 'exp' / 'pipeline', root=root, echo=False)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pids: list[int] = []
+    try:
+        for _ in range(400):
+            if (tmp_path / "pids").exists():
+                break
+            time.sleep(0.05)
+        else:
+            proc.kill()
+            pytest.fail("the fake step did not start: " + proc.stderr.read().decode())
+        pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        assert _gone_within(pids, 3), "the step's SIGINT-proof child outlived the runner"
+    finally:
+        proc.kill()
+        _cleanup(pids)
+
+
+@needs_proc
 def test_sigkilled_runner_takes_the_step_with_it(tmp_path: Path) -> None:
     proc, pids = _start_runner(tmp_path)
     try:
