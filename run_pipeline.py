@@ -77,10 +77,7 @@ def _threshold_note(cam: dict) -> str:
     if cam.get("best_th") is None:
         return ""
     edge = cam.get("best_th_edge")
-    return f"t={cam['best_th']:.2f}" + (f", {edge}{_EDGE_NOTE}" if edge else "")
-
-
-_EDGE_NOTE = " of the sweep"  # ends a seed row's note when its best threshold is an end of the sweep
+    return f"t={cam['best_th']:.2f}" + (f", {edge} of the sweep" if edge else "")
 
 
 def build_rows(results: list[StepResult], baselines: dict[str, dict], toy: bool) -> list[StageRow]:
@@ -223,15 +220,16 @@ def run(args: argparse.Namespace) -> None:
         print(f"report: {md.relative_to(REPO_ROOT)}")
 
 
-def auto_notes(rows: list[StageRow]) -> list[str]:
-    """Plain statements about the table: a seed threshold at an end of its sweep, stages at or below the
-    trivial baseline, stages that do not improve on the one before (seeds -> pseudo-labels -> BECO -> BECO + CRF)."""
+def auto_notes(rows: list[StageRow], cam: dict | None = None) -> list[str]:
+    """Plain statements about the table: a seed threshold at an end of its sweep (``cam``: the eval_cam
+    step's figures), stages at or below the trivial baseline, stages that do not improve on the one
+    before (seeds -> pseudo-labels -> BECO -> BECO + CRF)."""
     notes = []
+    if cam and cam.get("best_th_edge"):
+        notes.append(f"{STAGE_TITLES['stage1']}: the best seed threshold ({_threshold_note(cam)}) is an end of the "
+                     "swept range, so the seeds may be better outside it (evaluation.py --thresholds sweeps "
+                     "another range).")
     scored = [r for r in rows if r.miou is not None]
-    for r in scored:
-        if r.note.endswith(_EDGE_NOTE):
-            notes.append(f"{r.stage}: the best seed threshold ({r.note}) is an end of the swept range, so the seeds "
-                         "may be better outside it (evaluation.py --thresholds sweeps another range).")
     for r in scored:
         if r.baseline is not None and r.miou <= r.baseline:
             notes.append(f"{r.stage}: {r.miou:.2f}% is not above the trivial baseline ({r.baseline:.2f}%) on {r.split}.")
@@ -265,7 +263,7 @@ def report_inputs(cfg, rows: list[StageRow], results: list[StepResult]) -> Repor
     series = {"CAM seeds (train)": REPO_ROOT / p.cam_eval_json, "IRN pseudo-labels (train)": REPO_ROOT / p.irn_eval_json,
               "BECO (val)": REPO_ROOT / p.beco.val_metrics(),
               "BECO + CRF (val)": REPO_ROOT / p.beco.val_metrics(crf=True)}
-    notes = auto_notes(rows)
+    notes = auto_notes(rows, next((r.metrics for r in results if r.name == "eval_cam"), None))
     if cfg.preset == "toy":
         notes.append("Toy preset: synthetic images, networks trained from scratch at small width; the figures "
                      "show the chain works and each stage's effect, not the paper's accuracy.")

@@ -30,6 +30,7 @@ from pipeline.runner import REPO_ROOT, PerIdOutputs, Step
 from tools.layout import BECOLayout, IRNLayout, StageOneLayout
 from tools.dataset import get_dataset
 from tools.metrics import read_metrics
+from tools.seed_eval import sweep_edge
 from voc12.dataset import VOC_CLASSES
 
 STAGES = ("data", "stage1", "irn", "beco", "crf")
@@ -196,9 +197,9 @@ def _metrics(json_path: str | Path):
             out["miou_present"] = present_miou(rec["confusion_matrix"])
         if rec.get("best_th") is not None:
             out["best_th"] = float(rec["best_th"])
-            th = rec.get("thresholds") or []
-            if len(th) > 1 and out["best_th"] in (th[0], th[-1]):  # the best may lie outside the sweep
-                out["best_th_edge"] = "top" if out["best_th"] == th[-1] else "bottom"
+            edge = sweep_edge(rec.get("thresholds") or [], out["best_th"])
+            if edge:
+                out["best_th_edge"] = edge
         return out
     return read
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tools.errors import EXIT_INTERRUPTED, INTERRUPTED_MESSAGE, WSSSError
-from tools.io import atomic_write_json
+from tools.io import atomic_write_json, proc_stat_fields
 from tools.provenance import Provenance, describe_change, read_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -166,14 +166,8 @@ def _group_alive(pgid: int) -> bool:
     if not os.path.isdir("/proc/self"):
         return True
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
-        except OSError:  # it ended while we looked
-            continue
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+        fields = proc_stat_fields(entry.name) if entry.name.isdigit() else None  # None: it ended meanwhile
+        if fields and len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
 

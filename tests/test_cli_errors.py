@@ -275,7 +275,6 @@ def test_ctrl_c_reaches_forked_workers_but_only_the_parent_reports(tmp_path):
     assert _lines(err) == [INTERRUPTED_MESSAGE], err
 
 
-
 def test_ctrl_c_that_lands_in_a_finaliser_still_stops_the_program(tmp_path):
     """A KeyboardInterrupt raised inside ``__del__`` (or a weakref callback, as logging's handler clean-up)
     is dropped by Python ("Exception ignored"); the BECO Ctrl-C test once trained on after such a drop.
@@ -302,6 +301,7 @@ def test_ctrl_c_that_lands_in_a_finaliser_still_stops_the_program(tmp_path):
     lines = _lines(p.stderr)
     assert lines[-1] == INTERRUPTED_MESSAGE and "KeyboardInterrupt" not in p.stderr, p.stderr
     assert "ordinary unraisable" in p.stderr  # the default hook still reports everything else
+
 
 # ----------------------------------------------------------------------------------------------
 # Parse-time range checks

@@ -222,8 +222,14 @@ def _gone_within(pids: list[int], seconds: float) -> bool:
 
 
 def _start_runner(tmp_path: Path, patch: str = "") -> tuple[subprocess.Popen, list[int]]:
+    text = _RUNNER.format(repo=str(ROOT), root=str(tmp_path)).replace("root = ", patch + "\nroot = ", 1)
+    return _launch_runner(tmp_path, text)
+
+
+def _launch_runner(tmp_path: Path, text: str) -> tuple[subprocess.Popen, list[int]]:
+    """Run the runner script ``text``; return it and the pids its fake step wrote to ``pids``."""
     script = tmp_path / "runner.py"
-    script.write_text(_RUNNER.format(repo=str(ROOT), root=str(tmp_path)).replace("root = ", patch + "\nroot = ", 1))
+    script.write_text(text)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(400):
         if (tmp_path / "pids").exists():
@@ -273,24 +279,13 @@ def test_stopping_a_step_also_ends_a_child_that_outlives_it(tmp_path: Path) -> N
                  "while not os.path.exists('ready') and time.time() < end: time.sleep(0.02)\n"
                  "pathlib.Path('pids.tmp').write_text(f'{os.getpid()} {g.pid}'); os.replace('pids.tmp', 'pids'); "
                  "time.sleep(60)")
-    script = tmp_path / "runner.py"
-    script.write_text(
+    proc, pids = _launch_runner(tmp_path, (
         f"import sys, pathlib\nsys.path.insert(0, {str(ROOT)!r})\nimport pipeline.runner as r\n"
         "r.STOP_GRACE_S = (1.0, 2.0, 2.0)\n"
         f"root = pathlib.Path({str(tmp_path)!r})\n"
         f"step = r.Step('sleep', 'x', ['python', '-c', {step_code!r}], outputs=['never.txt'])\n"
-        "r.run_steps([step], root / 'exp' / 'pipeline', root=root, echo=False)\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    pids: list[int] = []
+        "r.run_steps([step], root / 'exp' / 'pipeline', root=root, echo=False)\n"))
     try:
-        for _ in range(400):
-            if (tmp_path / "pids").exists():
-                break
-            time.sleep(0.05)
-        else:
-            proc.kill()
-            pytest.fail("the fake step did not start: " + proc.stderr.read().decode())
-        pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
         assert _gone_within(pids, 3), "the step's SIGINT-proof child outlived the runner"

@@ -58,10 +58,10 @@ def test_seed_row_says_when_its_threshold_is_an_end_of_the_sweep() -> None:
     assert top == "t=0.29, top of the sweep"
     rows = [StageRow("stage one", "CAM seeds", "train", 40.0, 10.0, note=top),
             StageRow("IRN", "pseudo-labels", "train", 45.0, 10.0)]
-    notes = rp.auto_notes(rows)
+    notes = rp.auto_notes(rows, {"best_th": 0.29, "best_th_edge": "top"})
     assert len(notes) == 1 and "t=0.29, top of the sweep" in notes[0] and "--thresholds" in notes[0]
     rows[0].note = "t=0.20"
-    assert rp.auto_notes(rows) == []
+    assert rp.auto_notes(rows, {"best_th": 0.2}) == [] and rp.auto_notes(rows) == []
 
 
 def test_trivial_baselines(tmp_path: Path) -> None:

@@ -111,6 +111,16 @@ def temp_final_name(tmp: os.PathLike | str) -> str | None:
     return m.group("final") if m else None
 
 
+def proc_stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after ``pid (comm)``: state (``Z`` for a zombie), ppid, pgrp, ...;
+    ``None`` where it cannot be read (no such process, or no ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -119,11 +129,8 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     # A zombie (a killed writer nobody has reaped yet) still answers the signal but writes nothing.
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat_line.rpartition(")")[2].split()[:1] != ["Z"]
+    fields = proc_stat_fields(pid)
+    return fields is None or fields[:1] != ["Z"]
 
 
 def is_stale_temp(tmp: os.PathLike | str, max_age_s: float = STALE_TEMP_AGE_S) -> bool:

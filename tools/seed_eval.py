@@ -44,6 +44,7 @@ from voc12.dataset import VOC12
 IGNORE_INDEX = 255
 #: The reference sweep: t = i/100 for i = 10 .. 29.
 REFERENCE_THRESHOLDS: tuple[float, ...] = tuple(i / 100 for i in range(10, 30))
+TASKS = ("cam", "crf", "dl", "png")
 
 
 def threshold_range(start: float, stop: float, step: float) -> tuple[float, ...]:
@@ -55,7 +56,17 @@ def threshold_range(start: float, stop: float, step: float) -> tuple[float, ...]
                          "expected 0 < start < stop <= 1 and step > 0")
     n = int(np.ceil(round((stop - start) / step, 6)))
     return tuple(round(start + i * step, 6) for i in range(n))
-TASKS = ("cam", "crf", "dl", "png")
+
+
+def sweep_edge(thresholds: Sequence[float], best_th: float | None) -> str | None:
+    """``"top"`` / ``"bottom"`` when ``best_th`` is the last / first of the swept ``thresholds`` (the best
+    may then lie outside the range: ``evaluation.py --thresholds`` sweeps further), else ``None`` (also
+    for single-pass tasks and one-threshold sweeps)."""
+    if best_th is None or len(thresholds) < 2:
+        return None
+    if best_th == thresholds[-1]:
+        return "top"
+    return "bottom" if best_th == thresholds[0] else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,14 +407,8 @@ class SweepResult:
 
     @property
     def best_at_edge(self) -> str | None:
-        """``"top"`` / ``"bottom"`` when the best threshold is the last / first one swept (the best may
-        then lie outside the range: ``evaluation.py --thresholds`` sweeps further), else ``None``
-        (also for single-pass tasks and one-threshold sweeps)."""
-        if len(self.thresholds) < 2:
-            return None
-        if self.best_index == len(self.thresholds) - 1:
-            return "top"
-        return "bottom" if self.best_index == 0 else None
+        """:func:`sweep_edge` of this sweep's best threshold."""
+        return sweep_edge(self.thresholds, self.best_th)
 
     def sweep_lines(self) -> list[str]:
         """The reference per-threshold lines ``%d/60 threshold: %.3f\\tmIoU: %.3f%%`` (the '/60' is the
